@@ -1,0 +1,1 @@
+"""The adapter registry: names, the local adapter store, manifests and validation."""

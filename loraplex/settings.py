@@ -1,0 +1,68 @@
+"""Settings shared by the CLI, the backend launcher and the router.
+
+One pydantic settings object; every field can come from a `LORAPLEX_<FIELD>`
+environment variable or from the matching `--flag` of `loraplex serve`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+def default_cache_dir() -> Path:
+    return Path.home() / ".cache" / "loraplex"
+
+
+class ServeSettings(BaseSettings):
+    """How `loraplex serve` runs the router and its vLLM backend."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="LORAPLEX_", extra="ignore", use_attribute_docstrings=True
+    )
+
+    host: str = "127.0.0.1"
+    """Address the router listens on."""
+    port: int = Field(8000, ge=1, le=65535)
+    """Port the router listens on."""
+    base_model: str = ""
+    """Base model: a local Hugging Face folder or hub id. Empty = the embedded SmolLM2."""
+    base_model_name: str = "SmolLM2-135M-Instruct"
+    """Name clients send as `model` to reach the base model without an adapter."""
+    adapters_dir: Path = Field(default_factory=lambda: default_cache_dir() / "adapters")
+    """Folder of servable adapters: `<dir>/<tenant>/<name>/adapter_config.json`."""
+    backend_url: str = ""
+    """URL of an already-running vLLM server; empty = start one as a child process."""
+    backend_port: int = Field(8100, ge=1, le=65535)
+    """Loopback port of the vLLM child process."""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "bfloat16"
+    """Weights/activations dtype of the base model in vLLM (float32 to match peft exactly)."""
+    max_loras: int = Field(8, ge=1)
+    """Adapters vLLM can hold in one batch (engine slots)."""
+    max_cpu_loras: int = Field(32, ge=1)
+    """Adapters vLLM keeps in its host-memory cache."""
+    max_lora_rank: Literal[1, 8, 16, 32, 64, 128, 256, 320, 512] = 16
+    """Largest adapter rank the engine accepts."""
+    max_model_len: int = Field(2048, ge=64)
+    """Context length per request (prompt + completion)."""
+    kv_cache_gib: int = Field(1, ge=1)
+    """KV cache size for vLLM on CPU (VLLM_CPU_KVCACHE_SPACE), in GiB."""
+    max_num_seqs: int = Field(64, ge=1)
+    """Sequences vLLM batches together."""
+    backend_start_timeout_s: float = Field(600.0, gt=0)
+    """How long to wait for the vLLM child to report healthy."""
+    backend_timeout_s: float = Field(600.0, gt=0)
+    """Read timeout for one request to the backend."""
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    """Log level of the router (JSON lines on stderr)."""
+
+    def base_model_path(self) -> str:
+        """The base model the backend loads, defaulting to the pulled SmolLM2."""
+        if self.base_model:
+            return self.base_model
+        from loraplex.serving.base_model import embedded_model_dir
+
+        return str(embedded_model_dir())

@@ -1,0 +1,1 @@
+"""The OpenAI-compatible front door: resolves `model` to an adapter and proxies to vLLM."""

@@ -1,0 +1,131 @@
+"""HTTP wiring of the router: OpenAI endpoints, health, and error mapping in one place."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.background import BackgroundTask
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from loraplex.adapters.local_store import LocalAdapter, LocalAdapterStore
+from loraplex.router.adapter_loading import AdapterLoader
+from loraplex.router.backend_client import BackendClient
+from loraplex.router.errors import APIError, error_body, error_response
+from loraplex.router.protocol import ChatCompletionRequest, CompletionRequest, parse_request
+from loraplex.router.request_log import RequestLogMiddleware
+from loraplex.settings import ServeSettings
+
+log = logging.getLogger(__name__)
+
+
+def create_app(settings: ServeSettings, backend_url: str) -> FastAPI:
+    backend = BackendClient(backend_url, timeout_s=settings.backend_timeout_s)
+    store = LocalAdapterStore(settings.adapters_dir)
+    loader = AdapterLoader(store, backend, settings.base_model_name)
+    started_at = int(time.time())
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        yield
+        await backend.close()
+
+    app = FastAPI(title="loraplex", version="0.1.0", lifespan=lifespan)
+    app.add_middleware(RequestLogMiddleware)
+
+    @app.exception_handler(APIError)
+    async def _api_error(_: Request, exc: APIError) -> JSONResponse:
+        return error_response(exc)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return JSONResponse(error_body(exc.status_code, str(exc.detail)), exc.status_code)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error")
+        return JSONResponse(error_body(500, f"Internal error: {type(exc).__name__}"), 500)
+
+    async def forward(request: Request, path: str, schema: type) -> Response:
+        body = await request.body()
+        parsed = parse_request(body, schema)
+        request.state.model = parsed.model
+        adapter = loader.resolve(parsed.model)
+        if adapter is not None:
+            await loader.ensure_registered(adapter)
+        stream = bool(parsed.stream)
+        response = await backend.send(path, body, stream)
+        if response.status_code == 404 and adapter is not None:
+            # The backend lost the adapter (restarted, or unloaded by hand): re-register once.
+            await response.aclose()
+            loader.forget(adapter)
+            await loader.ensure_registered(adapter)
+            response = await backend.send(path, body, stream)
+        if stream and response.status_code == 200:
+            return StreamingResponse(
+                response.aiter_raw(),
+                media_type="text/event-stream",
+                background=BackgroundTask(response.aclose),
+            )
+        content = await response.aread() if stream else response.content
+        await response.aclose()
+        if response.status_code >= 400:
+            return _backend_error(response.status_code, content)
+        return Response(content, response.status_code, media_type="application/json")
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        return await forward(request, "/v1/chat/completions", ChatCompletionRequest)
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        return await forward(request, "/v1/completions", CompletionRequest)
+
+    @app.get("/v1/models")
+    async def list_models() -> dict:
+        base = _model_card(settings.base_model_name, started_at, parent=None)
+        cards = [base] + [_adapter_card(a, settings.base_model_name) for a in store.list()]
+        return {"object": "list", "data": cards}
+
+    @app.get("/health")
+    async def health() -> dict:
+        """The router process is alive (Kubernetes liveness)."""
+        return {"status": "ok"}
+
+    @app.get("/ready")
+    async def ready() -> JSONResponse:
+        """The backend answers and the base model is loaded (Kubernetes readiness)."""
+        if await backend.is_healthy():
+            return JSONResponse({"status": "ready", "backend": "up"})
+        return JSONResponse(
+            error_body(503, "Backend is not ready", code="backend_unavailable"), 503
+        )
+
+    return app
+
+
+def _model_card(model_id: str, created: int, parent: str | None) -> dict:
+    return {
+        "id": model_id,
+        "object": "model",
+        "created": created,
+        "owned_by": "loraplex",
+        "root": model_id,
+        "parent": parent,
+    }
+
+
+def _adapter_card(adapter: LocalAdapter, base_name: str) -> dict:
+    return _model_card(adapter.id, adapter.created, parent=base_name)
+
+
+def _backend_error(status: int, content: bytes) -> Response:
+    """Pass OpenAI-shaped backend errors through; wrap anything else in that shape."""
+    if b'"error"' in content[:64]:
+        return Response(content, status, media_type="application/json")
+    detail = content[:500].decode("utf-8", errors="replace")
+    return JSONResponse(error_body(status, f"Backend error: {detail}"), status)

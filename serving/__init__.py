@@ -1,0 +1,1 @@
+"""Everything that runs inside or launches vLLM: base model, backend launcher, plugin."""
