@@ -20,7 +20,9 @@ def _add_settings_flags(parser: argparse.ArgumentParser) -> None:
     for name, field in ServeSettings.model_fields.items():
         annotation = field.annotation
         kwargs: dict[str, typing.Any] = {"dest": name, "default": None}
-        choices = typing.get_args(annotation) if typing.get_origin(annotation) is typing.Literal else None
+        choices = (
+            typing.get_args(annotation) if typing.get_origin(annotation) is typing.Literal else None
+        )
         if choices:
             kwargs["choices"] = choices
             kwargs["type"] = type(choices[0])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -124,8 +125,13 @@ def _adapter_card(adapter: LocalAdapter, base_name: str) -> dict:
 
 
 def _backend_error(status: int, content: bytes) -> Response:
-    """Pass OpenAI-shaped backend errors through; wrap anything else in that shape."""
-    if b'"error"' in content[:64]:
-        return Response(content, status, media_type="application/json")
-    detail = content[:500].decode("utf-8", errors="replace")
-    return JSONResponse(error_body(status, f"Backend error: {detail}"), status)
+    """Re-issue a backend error in the router's error shape and types.
+
+    vLLM uses its own `type` names ("BadRequestError"); clients get OpenAI's.
+    """
+    try:
+        error = json.loads(content)["error"]
+        message, param = str(error["message"]), error.get("param")
+    except (ValueError, KeyError, TypeError):
+        message, param = content[:500].decode("utf-8", errors="replace"), None
+    return JSONResponse(error_body(status, message, param), status)

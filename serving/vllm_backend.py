@@ -7,6 +7,7 @@ Ctrl-C, SIGTERM nor a killed parent leaves an orphaned engine behind.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import logging
 import os
@@ -60,10 +61,9 @@ def vllm_environment(settings: ServeSettings) -> dict[str, str]:
 
 
 def _die_with_parent() -> None:  # runs in the child between fork and exec
-    try:
+    # Where libc is missing (not Linux) the process-group kill in stop() still applies.
+    with contextlib.suppress(OSError):
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-    except OSError:
-        pass  # not Linux: the process-group kill in stop() still applies
 
 
 class VLLMBackendProcess:
@@ -116,7 +116,5 @@ class VLLMBackendProcess:
 
 
 def _signal_group(pgid: int, sig: signal.Signals) -> None:
-    try:
+    with contextlib.suppress(ProcessLookupError):
         os.killpg(pgid, sig)
-    except ProcessLookupError:
-        pass

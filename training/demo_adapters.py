@@ -8,6 +8,7 @@ the base model's answers decisively (no near-ties that bf16 rounding could flip)
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from dataclasses import dataclass
@@ -60,9 +61,7 @@ def build_demo_adapter(base_model_dir: Path, spec: DemoAdapterSpec, out_dir: Pat
                 param.copy_(torch.randn(param.shape, generator=generator) / fan_in**0.5)
             elif "lora_B" in name:
                 param.copy_(
-                    torch.randn(param.shape, generator=generator)
-                    * spec.strength
-                    / (spec.rank**0.5)
+                    torch.randn(param.shape, generator=generator) * spec.strength / (spec.rank**0.5)
                 )
     out_dir.mkdir(parents=True, exist_ok=True)
     peft_model.save_pretrained(out_dir)
@@ -72,7 +71,9 @@ def build_demo_adapter(base_model_dir: Path, spec: DemoAdapterSpec, out_dir: Pat
     adapter_config["base_model_name_or_path"] = base_model_dir.name
     config_path.write_text(json.dumps(adapter_config, indent=2, sort_keys=True))
     (out_dir / DEMO_MARKER).write_text(
-        json.dumps({"name": spec.name, "rank": spec.rank, "seed": spec.seed, "strength": spec.strength})
+        json.dumps(
+            {"name": spec.name, "rank": spec.rank, "seed": spec.seed, "strength": spec.strength}
+        )
     )
     return out_dir
 

@@ -1,0 +1,128 @@
+"""One real `loraplex serve` (vLLM on CPU + router) per test session."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from loraplex.serving.base_model import pull_embedded_model
+from loraplex.training.demo_adapters import DEMO_ADAPTERS, ensure_demo_adapters
+
+BASE_NAME = "SmolLM2-135M-Instruct"
+START_TIMEOUT_S = 600
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def descendants(pid: int) -> set[int]:
+    """All live descendants of `pid`, read from /proc."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        children.setdefault(ppid, []).append(int(entry.name))
+    found: set[int] = set()
+    stack = [pid]
+    while stack:
+        for child in children.get(stack.pop(), []):
+            if child not in found:
+                found.add(child)
+                stack.append(child)
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+@dataclass
+class Server:
+    url: str
+    backend_url: str
+    adapters_dir: Path
+    model_dir: Path
+    process: subprocess.Popen
+    log_path: Path
+
+    @property
+    def client(self) -> openai.OpenAI:
+        return openai.OpenAI(base_url=f"{self.url}/v1", api_key="unused", max_retries=0)
+
+    @property
+    def adapter_names(self) -> list[str]:
+        return [spec.name for spec in DEMO_ADAPTERS]
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    model_dir = pull_embedded_model()
+    adapters_dir = tmp_path_factory.mktemp("adapters")
+    ensure_demo_adapters(model_dir, adapters_dir)
+    port, backend_port = free_port(), free_port()
+    log_path = tmp_path_factory.mktemp("logs") / "serve.log"
+    env = dict(os.environ, LORAPLEX_ADAPTERS_DIR=str(adapters_dir))
+    command = [
+        sys.executable, "-m", "loraplex.cli", "serve",
+        "--port", str(port), "--backend-port", str(backend_port),
+        # float32 so served outputs can be compared token for token with peft.
+        "--dtype", "float32", "--max-loras", "4", "--max-num-seqs", "32",
+    ]  # fmt: skip
+    with log_path.open("wb") as log_file:
+        process = subprocess.Popen(command, env=env, stdout=log_file, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while True:
+        if process.poll() is not None:
+            pytest.fail(f"loraplex serve exited early:\n{log_path.read_text()[-5000:]}")
+        try:
+            if httpx.get(f"{url}/ready", timeout=2).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() > deadline:
+            process.kill()
+            pytest.fail(f"loraplex serve not ready:\n{log_path.read_text()[-5000:]}")
+        time.sleep(1)
+    server = Server(
+        url, f"http://127.0.0.1:{backend_port}", adapters_dir, model_dir, process, log_path
+    )
+    yield server
+    # Clean shutdown is part of the contract: SIGTERM leaves no process behind.
+    family = descendants(process.pid)
+    process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        pytest.fail("loraplex serve did not exit within 60 s of SIGTERM")
+    deadline = time.monotonic() + 10
+    while any(alive(pid) for pid in family) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    leftovers = [pid for pid in family if alive(pid)]
+    for pid in leftovers:
+        os.kill(pid, signal.SIGKILL)
+    assert not leftovers, f"processes left after SIGTERM: {leftovers}"
