@@ -70,11 +70,7 @@ def build_demo_adapter(base_model_dir: Path, spec: DemoAdapterSpec, out_dir: Pat
     adapter_config = json.loads(config_path.read_text())
     adapter_config["base_model_name_or_path"] = base_model_dir.name
     config_path.write_text(json.dumps(adapter_config, indent=2, sort_keys=True))
-    (out_dir / DEMO_MARKER).write_text(
-        json.dumps(
-            {"name": spec.name, "rank": spec.rank, "seed": spec.seed, "strength": spec.strength}
-        )
-    )
+    (out_dir / DEMO_MARKER).write_text(json.dumps(dataclasses.asdict(spec)))
     return out_dir
 
 
