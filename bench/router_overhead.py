@@ -1,0 +1,182 @@
+"""Router overhead: the same workload sent straight to vLLM and through the loraplex router.
+
+Starts one `loraplex serve` (vLLM backend + router, as in production), warms both
+paths, then alternates rounds direct/router so drift hits both equally. Prints a
+table and writes JSON. Two measurements:
+
+- throughput: N requests x T output tokens (ignore_eos), concurrency C, mixed over the
+  base model and the demo adapters; ratio router/direct.
+- added latency: sequential 1-token requests, router minus direct, p50 and p95.
+
+Usage: python bench/router_overhead.py [--requests 64] [--tokens 64] [--concurrency 16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+from loraplex.serving.base_model import pull_embedded_model
+from loraplex.training.demo_adapters import DEMO_ADAPTERS, ensure_demo_adapters
+
+BASE_NAME = "SmolLM2-135M-Instruct"
+PROMPTS = [
+    "Write a short story about a robot learning to paint.",
+    "Explain how a bicycle works.",
+    "List some facts about the moon.",
+    "Describe a busy market in the morning.",
+]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+async def throughput_round(url: str, models: list[str], args: argparse.Namespace) -> dict:
+    semaphore = asyncio.Semaphore(args.concurrency)
+    latencies: list[float] = []
+    tokens = 0
+
+    async with httpx.AsyncClient(base_url=url, timeout=600) as client:
+
+        async def one(index: int) -> None:
+            nonlocal tokens
+            body = {
+                "model": models[index % len(models)],
+                "prompt": PROMPTS[index % len(PROMPTS)],
+                "max_tokens": args.tokens,
+                "temperature": 0,
+                "ignore_eos": True,
+            }
+            async with semaphore:
+                started = time.perf_counter()
+                response = await client.post("/v1/completions", json=body)
+                latencies.append(time.perf_counter() - started)
+            response.raise_for_status()
+            tokens += response.json()["usage"]["completion_tokens"]
+
+        started = time.perf_counter()
+        await asyncio.gather(*(one(i) for i in range(args.requests)))
+        elapsed = time.perf_counter() - started
+    return {"tok_s": tokens / elapsed, "p50_s": percentile(latencies, 0.5)}
+
+
+def added_latency(direct: str, router: str, models: list[str], count: int) -> list[float]:
+    """Per-pair difference of sequential 1-token requests (router minus direct), in ms."""
+    differences = []
+    with httpx.Client(timeout=60) as client:
+        for index in range(count):
+            body = {"model": models[index % len(models)], "prompt": "Hi", "max_tokens": 1}
+            timings = []
+            for url in (direct, router):
+                started = time.perf_counter()
+                client.post(f"{url}/v1/completions", json=body).raise_for_status()
+                timings.append(time.perf_counter() - started)
+            differences.append((timings[1] - timings[0]) * 1000)
+    return differences
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--requests", type=int, default=64)
+    parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument("--rounds", type=int, default=2, help="alternating rounds per path")
+    parser.add_argument("--latency-samples", type=int, default=200)
+    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--out", type=Path, default=Path("bench/out/router_overhead.json"))
+    args = parser.parse_args()
+
+    model_dir = pull_embedded_model()
+    adapters_dir = Path(
+        os.environ.get("LORAPLEX_ADAPTERS_DIR", Path.home() / ".cache/loraplex/bench-adapters")
+    )
+    ensure_demo_adapters(model_dir, adapters_dir)
+    port, backend_port = free_port(), free_port()
+    router, direct = f"http://127.0.0.1:{port}", f"http://127.0.0.1:{backend_port}"
+    command = [
+        sys.executable, "-m", "loraplex.cli", "serve", "--port", str(port),
+        "--backend-port", str(backend_port), "--dtype", args.dtype, "--log-level", "warning",
+    ]  # fmt: skip
+    env = dict(os.environ, LORAPLEX_ADAPTERS_DIR=str(adapters_dir))
+    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 600
+        while True:
+            try:
+                if httpx.get(f"{router}/ready", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if process.poll() is not None or time.monotonic() > deadline:
+                print("loraplex serve failed to start", file=sys.stderr)
+                return 1
+            time.sleep(1)
+        models = [BASE_NAME, *(spec.name for spec in DEMO_ADAPTERS)]
+        # Warm-up through the router registers the adapters with vLLM for both paths.
+        warm = argparse.Namespace(requests=8, tokens=8, concurrency=8)
+        for url in (router, direct):
+            asyncio.run(throughput_round(url, models, warm))
+
+        results: dict[str, list[dict]] = {"direct": [], "router": []}
+        for _ in range(args.rounds):
+            for name, url in (("direct", direct), ("router", router)):
+                results[name].append(asyncio.run(throughput_round(url, models, args)))
+        differences = added_latency(direct, router, models, args.latency_samples)
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=120)
+
+    direct_tok_s = statistics.mean(r["tok_s"] for r in results["direct"])
+    router_tok_s = statistics.mean(r["tok_s"] for r in results["router"])
+    report = {
+        "workload": {
+            k: getattr(args, k) for k in ("requests", "tokens", "concurrency", "rounds", "dtype")
+        },
+        "models": models,
+        "direct_tok_s": direct_tok_s,
+        "router_tok_s": router_tok_s,
+        "throughput_ratio": router_tok_s / direct_tok_s,
+        "added_latency_ms_p50": percentile(differences, 0.5),
+        "added_latency_ms_p95": percentile(differences, 0.95),
+        "rounds": results,
+    }
+    print(
+        f"\nworkload: {args.requests} requests x {args.tokens} tokens, "
+        f"concurrency {args.concurrency}, models {models}, "
+        f"{args.rounds} alternating rounds, dtype {args.dtype}"
+    )
+    print(f"{'path':<10}{'output tok/s':>14}{'ratio':>8}")
+    print(f"{'direct':<10}{direct_tok_s:>14.1f}{1.0:>8.3f}")
+    print(f"{'router':<10}{router_tok_s:>14.1f}{report['throughput_ratio']:>8.3f}")
+    print(
+        f"added latency per request ({args.latency_samples} sequential 1-token requests): "
+        f"p50 {report['added_latency_ms_p50']:.2f} ms, "
+        f"p95 {report['added_latency_ms_p95']:.2f} ms"
+    )
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2))
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
