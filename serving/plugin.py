@@ -5,6 +5,10 @@ vLLM calls `register()` in each of its processes when the plugin is enabled
 resolver over loraplex's adapter store, so a stock `vllm serve` with
 `VLLM_ALLOW_RUNTIME_LORA_UPDATING=True` serves `"model": "tenant/name"` straight
 from the store on first request, with the same name rules as the router.
+
+On CPU platforms it also swaps vLLM's punica wrapper for loraplex's grouped one
+(serving/punica_cpu.py), unless `LORAPLEX_CPU_LORA_KERNELS=vllm`. GPU platforms
+keep vLLM's Triton kernels.
 """
 
 from __future__ import annotations
@@ -16,9 +20,30 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 RESOLVER_NAME = "loraplex-local-store"
+CPU_KERNELS_ENV = "LORAPLEX_CPU_LORA_KERNELS"
+GROUPED_WRAPPER = "loraplex.serving.punica_cpu.GroupedPunicaWrapperCPU"
 
 
 def register() -> None:
+    _register_resolver()
+    _install_cpu_lora_kernels()
+
+
+def _install_cpu_lora_kernels() -> None:
+    choice = os.environ.get(CPU_KERNELS_ENV, "loraplex").strip().lower()
+    if choice not in ("loraplex", "vllm"):
+        raise ValueError(f"{CPU_KERNELS_ENV} must be 'loraplex' or 'vllm', got {choice!r}")
+    from vllm.platforms import current_platform
+
+    if choice == "vllm" or not current_platform.is_cpu():
+        return
+    # The platform method is vLLM's hook for choosing the punica wrapper class;
+    # overriding it on the CPU platform class leaves every other platform alone.
+    type(current_platform).get_punica_wrapper = classmethod(lambda cls: GROUPED_WRAPPER)  # type: ignore[method-assign,assignment]
+    log.info("loraplex: grouped CPU multi-LoRA kernels enabled (%s)", GROUPED_WRAPPER)
+
+
+def _register_resolver() -> None:
     from vllm.lora.resolver import LoRAResolverRegistry
 
     from loraplex.serving.store_resolver import LocalStoreResolver

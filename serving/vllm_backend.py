@@ -55,6 +55,7 @@ def vllm_environment(settings: ServeSettings) -> dict[str, str]:
     env.setdefault("VLLM_CPU_KVCACHE_SPACE", str(settings.kv_cache_gib))
     env.setdefault("VLLM_PLUGINS", "loraplex")
     env["LORAPLEX_ADAPTERS_DIR"] = str(settings.adapters_dir)
+    env["LORAPLEX_CPU_LORA_KERNELS"] = settings.cpu_lora_kernels
     env.setdefault("HF_HUB_OFFLINE", "1")
     env.setdefault("TRANSFORMERS_OFFLINE", "1")
     return env

@@ -74,13 +74,17 @@ def build_demo_adapter(base_model_dir: Path, spec: DemoAdapterSpec, out_dir: Pat
     return out_dir
 
 
-def ensure_demo_adapters(base_model_dir: Path, adapters_dir: Path) -> list[Path]:
-    """Build any missing demo adapter under `adapters_dir`; existing ones are kept."""
+def ensure_demo_adapters(
+    base_model_dir: Path,
+    adapters_dir: Path,
+    specs: tuple[DemoAdapterSpec, ...] | list[DemoAdapterSpec] = DEMO_ADAPTERS,
+) -> list[Path]:
+    """Build any missing adapter of `specs` under `adapters_dir`; existing ones are kept."""
     paths = []
-    for spec in DEMO_ADAPTERS:
+    for spec in specs:
         target = adapters_dir.joinpath(*spec.name.split("/"))
         marker = target / DEMO_MARKER
-        if marker.is_file() and json.loads(marker.read_text()).get("strength") == spec.strength:
+        if marker.is_file() and json.loads(marker.read_text()) == dataclasses.asdict(spec):
             paths.append(target)
             continue
         log.info("building demo adapter %s (r=%d) in %s", spec.name, spec.rank, target)

@@ -1,0 +1,164 @@
+"""Multi-LoRA throughput on one vLLM engine: vLLM's CPU LoRA ops vs loraplex's grouped ops.
+
+For each kernel choice (LORAPLEX_CPU_LORA_KERNELS = vllm | loraplex) one engine is
+started in a child process and runs the same prompts in four rows:
+
+- base only;
+- uniform over 8 adapters;
+- all on 1 adapter;
+- uniform over 32 adapters (more than max_loras: slots are swapped during the run).
+
+Prints output tokens/s and the ratio to the base row of the same engine, plus the
+share of requests whose tokens equal between the two kernel choices; writes JSON.
+
+Usage: python bench/multilora_throughput.py [--prompts 64] [--tokens 64] [--dtype bfloat16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROWS = ("base", "uniform-8", "single-1", "uniform-32")
+KERNELS = ("vllm", "loraplex")
+TOPICS = ["the sea", "a city at night", "old trains", "mountains", "a library", "coffee",
+          "winter", "robots", "a garden", "the moon", "rivers", "music"]  # fmt: skip
+
+
+def prompts(count: int) -> list[str]:
+    return [f"Write a few sentences about {TOPICS[i % len(TOPICS)]} (#{i})." for i in range(count)]
+
+
+def adapter_dirs(count: int, rank: int) -> list[Path]:
+    from loraplex.serving.base_model import pull_embedded_model
+    from loraplex.training.demo_adapters import DemoAdapterSpec, ensure_demo_adapters
+
+    base = pull_embedded_model()
+    root = Path.home() / ".cache" / "loraplex" / "bench-multilora"
+    specs = [DemoAdapterSpec(f"bench/r{rank}-{i:02d}", rank, 100 + i, 0.4) for i in range(count)]
+    return ensure_demo_adapters(base, root, specs)
+
+
+def run_engine(args: argparse.Namespace) -> None:
+    """Child process: one engine, every row, results as JSON into `args.out`."""
+    from vllm import LLM, SamplingParams
+    from vllm.lora.request import LoRARequest
+
+    from loraplex.serving.base_model import embedded_model_dir
+
+    adapters = [str(p) for p in adapter_dirs(32, args.rank)]
+    llm = LLM(
+        model=str(embedded_model_dir()),
+        dtype=args.dtype,
+        enable_lora=True,
+        max_loras=8,
+        max_cpu_loras=32,
+        max_lora_rank=args.rank,
+        max_model_len=1024,
+        max_num_seqs=args.prompts,
+        seed=0,
+    )
+    params = SamplingParams(temperature=0, max_tokens=args.tokens, ignore_eos=True)
+    texts = prompts(args.prompts)
+    requests = {
+        "base": [None] * len(texts),
+        "uniform-8": [adapters[i % 8] for i in range(len(texts))],
+        "single-1": [adapters[0]] * len(texts),
+        "uniform-32": [adapters[i % 32] for i in range(len(texts))],
+    }
+    ids = {path: index + 1 for index, path in enumerate(adapters)}
+
+    def lora(path: str | None) -> LoRARequest | None:
+        return None if path is None else LoRARequest(Path(path).name, ids[path], path)
+
+    # Warm-up: loads every adapter into the CPU cache so rows time decoding only.
+    warm_texts = [texts[i % len(texts)] for i in range(len(adapters))]
+    llm.generate(warm_texts, SamplingParams(max_tokens=2), lora_request=[lora(a) for a in adapters])
+    results = {}
+    for row in ROWS:
+        loras = [lora(path) for path in requests[row]]
+        started = time.perf_counter()
+        outputs = llm.generate(texts, params, lora_request=loras, use_tqdm=False)
+        elapsed = time.perf_counter() - started
+        tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
+        results[row] = {
+            "tok_s": tokens / elapsed,
+            "seconds": elapsed,
+            "token_ids": [list(o.outputs[0].token_ids) for o in outputs],
+        }
+    args.out.write_text(json.dumps(results))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--prompts", type=int, default=64)
+    parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--kernels", choices=KERNELS, nargs="+", default=list(KERNELS))
+    parser.add_argument("--out", type=Path, default=Path("bench/out/multilora_throughput.json"))
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        run_engine(args)
+        return 0
+
+    adapter_dirs(32, args.rank)  # build once, before the timed children
+    results = {}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    partial = args.out.with_suffix(".engine.json")
+    for kernels in args.kernels:
+        env = dict(os.environ, LORAPLEX_CPU_LORA_KERNELS=kernels, VLLM_PLUGINS="loraplex")
+        env.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+        child = [sys.executable, __file__, "--child", "--prompts", str(args.prompts),
+                 "--tokens", str(args.tokens), "--rank", str(args.rank),
+                 "--dtype", args.dtype, "--out", str(partial)]  # fmt: skip
+        print(f"running engine with {kernels} kernels ...", file=sys.stderr)
+        done = subprocess.run(
+            child,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+            check=False,
+        )
+        if done.returncode != 0:
+            print(done.stderr[-4000:], file=sys.stderr)
+            return 1
+        results[kernels] = json.loads(partial.read_text())
+
+    print(f"\n{args.prompts} prompts x {args.tokens} greedy tokens (ignore_eos), {args.dtype}, "
+          f"r={args.rank} on 7 projections, max_loras 8, max_cpu_loras 32")  # fmt: skip
+    header = f"{'row':<12}" + "".join(f"{k + ' tok/s':>16}{'ratio':>8}" for k in args.kernels)
+    print(header + (f"{'speedup':>9}{'same tokens':>13}" if len(args.kernels) == 2 else ""))
+    summary = {}
+    for row in ROWS:
+        line = f"{row:<12}"
+        summary[row] = {}
+        for kernels in args.kernels:
+            tok_s = results[kernels][row]["tok_s"]
+            ratio = tok_s / results[kernels]["base"]["tok_s"]
+            summary[row][kernels] = {"tok_s": tok_s, "ratio_to_base": ratio}
+            line += f"{tok_s:>16.1f}{ratio:>8.2f}"
+        if len(args.kernels) == 2:
+            old, new = (results[k][row] for k in args.kernels)
+            speedup = new["tok_s"] / old["tok_s"]
+            same = sum(a == b for a, b in zip(old["token_ids"], new["token_ids"], strict=True))
+            summary[row]["speedup"] = speedup
+            summary[row]["same_tokens"] = same / len(old["token_ids"])
+            line += f"{speedup:>9.2f}{same:>8}/{len(old['token_ids'])}"
+        print(line)
+    partial.unlink()
+    report = {"workload": vars(args) | {"out": str(args.out)}, "rows": summary}
+    args.out.write_text(json.dumps(report, indent=2))
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

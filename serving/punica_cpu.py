@@ -1,0 +1,53 @@
+"""loraplex's punica wrapper for vLLM on CPU: grouped multi-LoRA instead of per-token gathers.
+
+Installed by the vLLM plugin (serving/plugin.py) on CPU platforms; vLLM's GPU
+kernels are never touched. The grouping of the step's tokens by adapter slot is
+computed once in `update_metadata` and reused by every LoRA layer of the step.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from vllm.lora.punica_wrapper.punica_cpu import PunicaWrapperCPU
+
+from loraplex.serving.cpu_lora_ops import LoRAGroups, lora_expand, lora_shrink
+
+
+class GroupedPunicaWrapperCPU(PunicaWrapperCPU):
+    """PunicaWrapperCPU whose linear-layer ops run one GEMM pair per active adapter."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._groups: LoRAGroups | None = None
+
+    def update_metadata(self, *args: Any, **kwargs: Any) -> None:
+        super().update_metadata(*args, **kwargs)
+        self._groups = LoRAGroups.from_token_slots(self.token_lora_indices)
+
+    def add_lora_linear(
+        self,
+        y: torch.Tensor,
+        x: torch.Tensor,
+        lora_a_stacked: tuple[torch.Tensor, ...],
+        lora_b_stacked: tuple[torch.Tensor, ...],
+        scale: float,
+        output_slices: tuple[int, ...],
+        *,
+        buffer: tuple[torch.Tensor, ...] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        groups = self._groups
+        # Rows padded or trimmed beyond the step's mapping, or a caller-owned buffer:
+        # vLLM's own path handles those cases.
+        if buffer is not None or (groups is not None and groups.num_tokens != x.size(0)):
+            return super().add_lora_linear(
+                y, x, lora_a_stacked, lora_b_stacked, scale, output_slices, buffer=buffer, **kwargs
+            )
+        if groups is None:  # no token in this step uses a LoRA
+            return None
+        flat_y = y.view(-1, y.shape[-1])
+        shrunk = lora_shrink(groups, x.view(-1, x.shape[-1]), lora_a_stacked, scale)
+        lora_expand(groups, flat_y, shrunk, lora_b_stacked, output_slices)
+        return None

@@ -1,0 +1,110 @@
+"""loraplex's grouped CPU multi-LoRA ops equal vLLM's reference ops."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from vllm.lora.layers.utils import LoRAMapping
+from vllm.lora.punica_wrapper.punica_cpu import PunicaWrapperCPU
+
+from loraplex.serving.cpu_lora_ops import LoRAGroups
+from loraplex.serving.punica_cpu import GroupedPunicaWrapperCPU
+
+MAX_LORAS = 8
+# Every LoRA projection of SmolLM2 as vLLM packs it: (input size, output slices).
+PROJECTIONS = {
+    "qkv_proj": (576, (576, 192, 192)),
+    "o_proj": (576, (576,)),
+    "gate_up_proj": (576, (1536, 1536)),
+    "down_proj": (1536, (576,)),
+}
+
+
+def _slots(kind: str, tokens: int) -> list[int]:
+    """Slot per token; -1 = base model. The last slot stays empty in mixes with -1,
+    because vLLM's reference reads slot -1 (the last one) for base tokens."""
+    if kind == "uniform-all":
+        return [i % MAX_LORAS for i in range(tokens)]
+    if kind == "mixed-with-base":
+        return [(i % MAX_LORAS) - 1 for i in range(tokens)]  # -1, 0 .. 6
+    if kind == "single":
+        return [3] * tokens
+    if kind == "unbalanced":  # one long prefill next to a few decode tokens
+        return [2] * (tokens - 3) + [0, -1, 5]
+    raise ValueError(kind)
+
+
+def _wrappers(slots: list[int], prefill: bool) -> tuple[PunicaWrapperCPU, GroupedPunicaWrapperCPU]:
+    # Slot i holds LoRA id i + 1; id 0 in a mapping means "no LoRA".
+    mapping = LoRAMapping(tuple(s + 1 for s in slots), tuple(s + 1 for s in slots), prefill)
+    ids = list(range(1, MAX_LORAS + 1))
+    ref, new = PunicaWrapperCPU(4096, 256, "cpu"), GroupedPunicaWrapperCPU(4096, 256, "cpu")
+    for wrapper in (ref, new):
+        wrapper.update_metadata(mapping, ids, MAX_LORAS + 1, 49152)
+    return ref, new
+
+
+def _weights(rank, in_size, slices, dtype, empty_last):
+    gen = torch.Generator().manual_seed(rank * 1000 + in_size)
+    lora_a = tuple(
+        torch.randn(MAX_LORAS, 1, rank, in_size, generator=gen, dtype=dtype) / in_size**0.5
+        for _ in slices
+    )
+    lora_b = tuple(
+        torch.randn(MAX_LORAS, 1, out, rank, generator=gen, dtype=dtype) for out in slices
+    )
+    if empty_last:
+        for stacked in (*lora_a, *lora_b):
+            stacked[-1] = 0
+    return lora_a, lora_b
+
+
+@pytest.mark.parametrize("projection", sorted(PROJECTIONS))
+@pytest.mark.parametrize("rank", [8, 16])
+@pytest.mark.parametrize("kind", ["uniform-all", "mixed-with-base", "single", "unbalanced"])
+@pytest.mark.parametrize("prefill", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_add_lora_linear_matches_vllm(projection, rank, kind, prefill, dtype) -> None:
+    in_size, slices = PROJECTIONS[projection]
+    tokens = 40
+    slots = _slots(kind, tokens)
+    ref, new = _wrappers(slots, prefill)
+    lora_a, lora_b = _weights(rank, in_size, slices, dtype, empty_last=-1 in slots)
+    x = torch.randn(tokens, in_size, dtype=dtype)
+    y_start = torch.randn(tokens, sum(slices), dtype=dtype)
+    y_ref, y_new = y_start.clone(), y_start.clone()
+    ref.add_lora_linear(y_ref, x, lora_a, lora_b, 0.5, slices)
+    new.add_lora_linear(y_new, x, lora_a, lora_b, 0.5, slices)
+    tolerance = 1e-5 if dtype == torch.float32 else 3e-2
+    torch.testing.assert_close(y_new, y_ref, rtol=tolerance, atol=tolerance)
+    assert not torch.equal(y_new, y_start), "the LoRA delta was not applied"
+
+
+def test_base_tokens_stay_untouched_when_every_slot_is_occupied() -> None:
+    in_size, slices = PROJECTIONS["o_proj"]
+    slots = [-1, 7, -1, 0, 3]
+    _, new = _wrappers(slots, prefill=False)
+    lora_a, lora_b = _weights(16, in_size, slices, torch.float32, empty_last=False)
+    x = torch.randn(len(slots), in_size)
+    y = torch.zeros(len(slots), sum(slices))
+    new.add_lora_linear(y, x, lora_a, lora_b, 1.0, slices)
+    assert torch.count_nonzero(y[[0, 2]]) == 0
+    assert torch.count_nonzero(y[[1, 3, 4]]) > 0
+
+
+def test_no_lora_step_changes_nothing() -> None:
+    _, new = _wrappers([-1] * 6, prefill=True)
+    lora_a, lora_b = _weights(16, 576, (576,), torch.float32, empty_last=False)
+    y = torch.randn(6, 576)
+    before = y.clone()
+    new.add_lora_linear(y, torch.randn(6, 576), lora_a, lora_b, 1.0, (576,))
+    assert torch.equal(y, before)
+
+
+def test_grouping_chooses_bmm_for_balanced_and_loop_for_skewed_batches() -> None:
+    balanced = LoRAGroups.from_token_slots(torch.tensor([0, 1, 2, 0, 1, 2]))
+    assert balanced is not None and balanced.use_bmm and balanced.counts == [2, 2, 2]
+    skewed = LoRAGroups.from_token_slots(torch.tensor([1] * 30 + [0, 2]))
+    assert skewed is not None and not skewed.use_bmm
+    assert skewed.tokens.tolist() == [30, *range(30), 31]
+    assert LoRAGroups.from_token_slots(torch.tensor([-1, -1])) is None
