@@ -11,6 +11,11 @@ reuses that grouping:
 - "loop": one plain matmul per group (no padding waste, best when one group
   dominates, e.g. a long prefill next to a few decode tokens).
 
+A layer's active weights are prepared once (`PreparedLoRAWeights`: all slices'
+A stacked along the rank, all slices' B as one block-diagonal matrix) and reused
+until the active slots or the weights change; tensor version counters catch
+every in-place update vLLM makes when it loads an adapter into a slot.
+
 Numerics follow vLLM's reference ops: the shrink (x @ A^T * scale) accumulates in
 float32, the expand (h @ B^T) runs in the output's dtype and is added in place.
 """
@@ -37,8 +42,8 @@ class LoRAGroups:
     """Tokens per group, in `slots` order (sums to n)."""
     padded_rows: torch.Tensor
     """(k, G) token row for each padded group position; padding repeats a real row."""
-    valid: torch.Tensor
-    """(n,) positions of the real entries in the flattened (k * G) padded layout."""
+    valid: torch.Tensor | None
+    """(n,) positions of the real entries in the flat (k * G) layout; None if no padding."""
     num_tokens: int
     """Rows in the batch, with or without a LoRA."""
     use_bmm: bool
@@ -57,20 +62,30 @@ class LoRAGroups:
         k, widest, n = len(counts), max(counts), rows.numel()
         starts = torch.cumsum(counts_t, 0) - counts_t
         group_of_entry = torch.repeat_interleave(torch.arange(k), counts_t)
-        position = torch.arange(n) - starts[group_of_entry]
-        valid = group_of_entry * widest + position
+        valid = group_of_entry * widest + (torch.arange(n) - starts[group_of_entry])
         # Padding points at each group's first row: computed, then never written back.
-        padded = rows[starts].repeat_interleave(widest).clone()
+        padded = rows[starts].repeat_interleave(widest)
         padded[valid] = rows
         return LoRAGroups(
             slots=slots,
             tokens=rows,
             counts=counts,
             padded_rows=padded.view(k, widest),
-            valid=valid,
+            valid=None if k * widest == n else valid,
             num_tokens=token_slots.numel(),
             use_bmm=k * widest <= MAX_PADDING_FACTOR * n,
         )
+
+
+@dataclass(frozen=True)
+class PreparedLoRAWeights:
+    """One layer's active LoRA weights, laid out for the grouped GEMMs."""
+
+    key: tuple
+    a: torch.Tensor
+    """(k, S*r, in) float32: every slice's A stacked along the rank, scale folded in."""
+    b: torch.Tensor
+    """(k, S*r, sum of slice widths) in the output dtype, block-diagonal over slices."""
 
 
 def _active(stacked: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
@@ -80,51 +95,53 @@ def _active(stacked: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
     return stacked.index_select(0, slots).squeeze(1)
 
 
-def lora_shrink(
-    groups: LoRAGroups, x: torch.Tensor, lora_a: tuple[torch.Tensor, ...], scale: float
-) -> torch.Tensor:
-    """All slices' shrink at once: returns float32 (n-or-padded rows, sum of ranks) buffers.
-
-    With bmm the result is (k, G, S*r); with the loop it is (n, S*r) in group order.
-    """
-    a_all = torch.cat([_active(a, groups.slots) for a in lora_a], dim=1).float()  # (k, S*r, in)
-    if groups.use_bmm:
-        xg = x[groups.padded_rows].float()  # (k, G, in)
-        return torch.bmm(xg, a_all.transpose(1, 2)).mul_(scale)
-    xs = x[groups.tokens].float()
-    parts = [
-        xs_group @ a_group.t()
-        for xs_group, a_group in zip(torch.split(xs, groups.counts), a_all, strict=True)
-    ]
-    return torch.cat(parts).mul_(scale)
-
-
-def lora_expand(
+def prepare_weights(
     groups: LoRAGroups,
-    y: torch.Tensor,
-    shrunk: torch.Tensor,
+    lora_a: tuple[torch.Tensor, ...],
     lora_b: tuple[torch.Tensor, ...],
-    output_slices: tuple[int, ...],
-    offset_start: int = 0,
-) -> None:
-    """y[rows, slice i] += shrunk[..., rank block i] @ B_i^T, for every slice, in place."""
+    scale: float,
+    dtype: torch.dtype,
+    cached: PreparedLoRAWeights | None = None,
+) -> PreparedLoRAWeights:
+    """The layer's prepared weights, reusing `cached` when nothing changed since."""
+    tensors = (*lora_a, *lora_b)
+    key = (
+        tuple(groups.slots.tolist()),
+        scale,
+        dtype,
+        tuple(t.data_ptr() for t in tensors),
+        tuple(t._version for t in tensors),  # bumped by every in-place write (slot loads)
+    )
+    if cached is not None and cached.key == key:
+        return cached
+    a = torch.cat([_active(t, groups.slots) for t in lora_a], dim=1).float() * scale
     rank = lora_b[0].shape[-1]
-    offset = offset_start
-    for index, (b, width) in enumerate(zip(lora_b, output_slices, strict=True)):
-        b_active = _active(b, groups.slots).to(y.dtype)  # (k, out, r)
-        h = shrunk[..., index * rank : (index + 1) * rank].to(y.dtype)
-        if groups.use_bmm:
-            out = torch.bmm(h, b_active.transpose(1, 2))  # (k, G, out)
-            out = out.reshape(-1, out.shape[-1]).index_select(0, groups.valid)
-        else:
-            out = torch.cat(
-                [
-                    h_group @ b_group.t()
-                    for h_group, b_group in zip(
-                        torch.split(h, groups.counts), b_active, strict=True
-                    )
-                ]
-            )
-        width = min(width, out.shape[-1])
-        y[:, offset : offset + width].index_add_(0, groups.tokens, out[:, :width])
-        offset += output_slices[index]
+    widths = [t.shape[2] for t in lora_b]
+    b = torch.zeros(len(groups.counts), rank * len(lora_b), sum(widths), dtype=dtype)
+    offset = 0
+    for index, (stacked, width) in enumerate(zip(lora_b, widths, strict=True)):
+        block = _active(stacked, groups.slots).transpose(1, 2)  # (k, r, width)
+        b[:, index * rank : (index + 1) * rank, offset : offset + width] = block
+        offset += width
+    return PreparedLoRAWeights(key=key, a=a, b=b)
+
+
+def add_grouped_lora(
+    groups: LoRAGroups, y: torch.Tensor, x: torch.Tensor, weights: PreparedLoRAWeights
+) -> None:
+    """y[rows, :sum of widths] += (x[rows] @ A^T * scale) @ B^T for each row's slot, in place."""
+    width = weights.b.shape[-1]
+    if groups.use_bmm:
+        shrunk = torch.bmm(x[groups.padded_rows].float(), weights.a.transpose(1, 2))
+        out = torch.bmm(shrunk.to(y.dtype), weights.b).view(-1, width)
+        if groups.valid is not None:
+            out = out.index_select(0, groups.valid)
+    else:
+        xs = torch.split(x[groups.tokens].float(), groups.counts)
+        out = torch.cat(
+            [
+                (x_group @ a.t()).to(y.dtype) @ b
+                for x_group, a, b in zip(xs, weights.a, weights.b, strict=True)
+            ]
+        )
+    y[:, :width].index_add_(0, groups.tokens, out)

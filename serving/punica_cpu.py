@@ -2,7 +2,8 @@
 
 Installed by the vLLM plugin (serving/plugin.py) on CPU platforms; vLLM's GPU
 kernels are never touched. The grouping of the step's tokens by adapter slot is
-computed once in `update_metadata` and reused by every LoRA layer of the step.
+computed once in `update_metadata` and reused by every LoRA layer of the step;
+each layer's weights are prepared once and reused while they do not change.
 """
 
 from __future__ import annotations
@@ -12,7 +13,12 @@ from typing import Any
 import torch
 from vllm.lora.punica_wrapper.punica_cpu import PunicaWrapperCPU
 
-from loraplex.serving.cpu_lora_ops import LoRAGroups, lora_expand, lora_shrink
+from loraplex.serving.cpu_lora_ops import (
+    LoRAGroups,
+    PreparedLoRAWeights,
+    add_grouped_lora,
+    prepare_weights,
+)
 
 
 class GroupedPunicaWrapperCPU(PunicaWrapperCPU):
@@ -21,6 +27,8 @@ class GroupedPunicaWrapperCPU(PunicaWrapperCPU):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._groups: LoRAGroups | None = None
+        # One entry per LoRA layer (keyed by its first stacked tensor).
+        self._prepared: dict[int, PreparedLoRAWeights] = {}
 
     def update_metadata(self, *args: Any, **kwargs: Any) -> None:
         super().update_metadata(*args, **kwargs)
@@ -47,7 +55,10 @@ class GroupedPunicaWrapperCPU(PunicaWrapperCPU):
             )
         if groups is None:  # no token in this step uses a LoRA
             return None
-        flat_y = y.view(-1, y.shape[-1])
-        shrunk = lora_shrink(groups, x.view(-1, x.shape[-1]), lora_a_stacked, scale)
-        lora_expand(groups, flat_y, shrunk, lora_b_stacked, output_slices)
+        layer = id(lora_a_stacked[0])
+        weights = prepare_weights(
+            groups, lora_a_stacked, lora_b_stacked, scale, y.dtype, self._prepared.get(layer)
+        )
+        self._prepared[layer] = weights
+        add_grouped_lora(groups, y.view(-1, y.shape[-1]), x.view(-1, x.shape[-1]), weights)
         return None

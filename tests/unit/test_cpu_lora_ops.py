@@ -108,3 +108,30 @@ def test_grouping_chooses_bmm_for_balanced_and_loop_for_skewed_batches() -> None
     assert skewed is not None and not skewed.use_bmm
     assert skewed.tokens.tolist() == [30, *range(30), 31]
     assert LoRAGroups.from_token_slots(torch.tensor([-1, -1])) is None
+
+
+def test_prepared_weights_follow_in_place_slot_reloads_and_slot_changes() -> None:
+    """vLLM loads an adapter by writing into the stacked tensors in place; the next step
+    must use the new weights, and a step with other active slots must use theirs."""
+    in_size, slices = PROJECTIONS["qkv_proj"]
+    lora_a, lora_b = _weights(16, in_size, slices, torch.float32, empty_last=True)
+    x = torch.randn(12, in_size)
+
+    def step(slots: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        ref, new = _wrappers(slots, prefill=False)
+        new._prepared = cache  # the same layer across steps
+        y_ref, y_new = torch.zeros(12, sum(slices)), torch.zeros(12, sum(slices))
+        ref.add_lora_linear(y_ref, x, lora_a, lora_b, 1.0, slices)
+        new.add_lora_linear(y_new, x, lora_a, lora_b, 1.0, slices)
+        return y_ref, y_new
+
+    cache: dict = {}
+    first = step([i % 4 for i in range(12)])
+    torch.testing.assert_close(first[1], first[0])
+    for stacked in (*lora_a, *lora_b):  # an adapter reloaded into slot 2
+        stacked[2, 0].normal_(std=0.05)
+    second = step([i % 4 for i in range(12)])
+    torch.testing.assert_close(second[1], second[0])
+    assert not torch.allclose(second[1], first[1])
+    third = step([(i % 3) + 4 for i in range(12)])  # other slots active
+    torch.testing.assert_close(third[1], third[0])
