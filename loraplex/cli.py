@@ -111,6 +111,78 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    from loraplex.adapters.compat import IncompatibleAdapter
+    from loraplex.training.config import ConfigError, load_configs
+    from loraplex.training.data import DataError
+    from loraplex.training.run import train_task
+
+    try:
+        configs = load_configs(args.config)
+        for config in configs:
+            print(f"training {config.name} → {config.run_dir}", file=sys.stderr)
+            result = train_task(config)
+            print(result.run_dir)
+    except (ConfigError, DataError, IncompatibleAdapter) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from loraplex.training.data import DataError
+    from loraplex.training.evaluate import compare_table, evaluate_adapter
+
+    if not (args.adapter_dir / "adapter_config.json").is_file():
+        print(f"error: {args.adapter_dir}: no adapter_config.json", file=sys.stderr)
+        return 2
+    try:
+        metric, results = evaluate_adapter(
+            args.adapter_dir, args.data, few_shot=args.few_shot, train_data=args.train_data,
+            metric=args.metric, max_new_tokens=args.max_new_tokens,
+            max_examples=args.max_examples,
+        )  # fmt: skip
+    except (DataError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(compare_table(metric, results))
+    return 0
+
+
+def _add_training_commands(commands: typing.Any) -> None:
+    train = commands.add_parser(
+        "train",
+        help="train LoRA adapters from a train.yaml (or a tasks file listing several)",
+        description="Train one adapter per task config: data report, LoRA training with "
+        "checkpoints (resumed when present), held-out evaluation against the base model, and "
+        "an output folder holding the peft adapter, manifest.json, config.yaml, metrics.json "
+        "and loss.png. A file `tasks: [a/train.yaml, ...]` trains each listed task.",
+    )
+    train.add_argument("config", type=Path, help="train.yaml, or a tasks file")
+    train.set_defaults(func=cmd_train)
+
+    evaluate = commands.add_parser(
+        "eval",
+        help="score an adapter and its base model on held-out JSONL",
+        description="Greedy generation on each example's prompt, scored against its answer, "
+        "for the base model, the base model with k training examples in the prompt "
+        "(--few-shot k) and the adapter. Defaults come from the adapter's manifest.json.",
+    )
+    evaluate.add_argument("adapter_dir", type=Path, help="adapter folder (peft format)")
+    evaluate.add_argument("--data", type=Path, required=True, help="held-out JSONL")
+    evaluate.add_argument("--few-shot", type=int, default=0, help="k shots for the baseline")
+    evaluate.add_argument(
+        "--train-data", type=Path, default=None, help="where shots come from (default: manifest)"
+    )
+    evaluate.add_argument(
+        "--metric", choices=["exact_match", "json_match"], default=None,
+        help="default: the manifest's metric, else exact_match",
+    )  # fmt: skip
+    evaluate.add_argument("--max-new-tokens", type=int, default=None, help="tokens per answer")
+    evaluate.add_argument("--max-examples", type=int, default=None, help="score the first N")
+    evaluate.set_defaults(func=cmd_eval)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="loraplex",
@@ -151,6 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_settings_flags(serve)
     serve.set_defaults(func=cmd_serve)
+    _add_training_commands(commands)
     return parser
 
 
