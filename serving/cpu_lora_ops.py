@@ -16,8 +16,11 @@ A stacked along the rank, all slices' B as one block-diagonal matrix) and reused
 until the active slots or the weights change; tensor version counters catch
 every in-place update vLLM makes when it loads an adapter into a slot.
 
-Numerics follow vLLM's reference ops: the shrink (x @ A^T * scale) accumulates in
-float32, the expand (h @ B^T) runs in the output's dtype and is added in place.
+Both GEMMs run in the model's dtype (bf16 GEMMs accumulate in float32 inside
+oneDNN/MKL, and vLLM's reference rounds the shrink to that dtype before its expand
+too). The result is written in sorted order into a buffer with one extra zero row
+and brought back to batch order with one gather, then added to y: scatter ops
+(`index_add_`) are pathologically slow for bf16 on CPU with several threads.
 """
 
 from __future__ import annotations
@@ -36,17 +39,23 @@ class LoRAGroups:
 
     slots: torch.Tensor
     """(k,) active slot indices, ascending."""
-    tokens: torch.Tensor
-    """(n,) rows of the batch that use a LoRA, grouped by slot."""
     counts: list[int]
-    """Tokens per group, in `slots` order (sums to n)."""
-    padded_rows: torch.Tensor
-    """(k, G) token row for each padded group position; padding repeats a real row."""
-    valid: torch.Tensor | None
-    """(n,) positions of the real entries in the flat (k * G) layout; None if no padding."""
+    """Tokens per group, in `slots` order."""
+    widest: int
+    """Tokens in the largest group (G)."""
+    use_bmm: bool
+    """Pad every group to G and run batched GEMMs; else one GEMM pair per group."""
+    gather_rows: torch.Tensor
+    """Batch rows to compute, grouped by slot: (k * G,) padded for bmm, (n,) for the loop."""
+    inverse: torch.Tensor
+    """(num_tokens,) for each batch row, its computed row; rows without LoRA point one
+    past the end, at a zero row."""
     num_tokens: int
     """Rows in the batch, with or without a LoRA."""
-    use_bmm: bool
+
+    @property
+    def computed_rows(self) -> int:
+        return self.gather_rows.numel()
 
     @staticmethod
     def from_token_slots(token_slots: torch.Tensor) -> LoRAGroups | None:
@@ -60,20 +69,26 @@ class LoRAGroups:
         slots, counts_t = torch.unique_consecutive(slot_of_row, return_counts=True)
         counts = counts_t.tolist()
         k, widest, n = len(counts), max(counts), rows.numel()
-        starts = torch.cumsum(counts_t, 0) - counts_t
-        group_of_entry = torch.repeat_interleave(torch.arange(k), counts_t)
-        valid = group_of_entry * widest + (torch.arange(n) - starts[group_of_entry])
-        # Padding points at each group's first row: computed, then never written back.
-        padded = rows[starts].repeat_interleave(widest)
-        padded[valid] = rows
+        use_bmm = k * widest <= MAX_PADDING_FACTOR * n
+        if use_bmm:
+            starts = torch.cumsum(counts_t, 0) - counts_t
+            group_of_entry = torch.repeat_interleave(torch.arange(k), counts_t)
+            position = group_of_entry * widest + (torch.arange(n) - starts[group_of_entry])
+            # Padding repeats each group's first row: computed, never read back.
+            gather_rows = rows[starts].repeat_interleave(widest)
+            gather_rows[position] = rows
+        else:
+            position, gather_rows = torch.arange(n), rows
+        inverse = torch.full((token_slots.numel(),), gather_rows.numel(), dtype=torch.long)
+        inverse[rows] = position
         return LoRAGroups(
             slots=slots,
-            tokens=rows,
             counts=counts,
-            padded_rows=padded.view(k, widest),
-            valid=None if k * widest == n else valid,
+            widest=widest,
+            use_bmm=use_bmm,
+            gather_rows=gather_rows,
+            inverse=inverse,
             num_tokens=token_slots.numel(),
-            use_bmm=k * widest <= MAX_PADDING_FACTOR * n,
         )
 
 
@@ -83,9 +98,9 @@ class PreparedLoRAWeights:
 
     key: tuple
     a: torch.Tensor
-    """(k, S*r, in) float32: every slice's A stacked along the rank, scale folded in."""
+    """(k, in, S*r): every slice's A^T side by side along the rank, scale folded in."""
     b: torch.Tensor
-    """(k, S*r, sum of slice widths) in the output dtype, block-diagonal over slices."""
+    """(k, S*r, sum of slice widths): every slice's B^T, block-diagonal over slices."""
 
 
 def _active(stacked: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
@@ -123,25 +138,23 @@ def prepare_weights(
         block = _active(stacked, groups.slots).transpose(1, 2)  # (k, r, width)
         b[:, index * rank : (index + 1) * rank, offset : offset + width] = block
         offset += width
-    return PreparedLoRAWeights(key=key, a=a, b=b)
+    return PreparedLoRAWeights(key=key, a=a.to(dtype).transpose(1, 2).contiguous(), b=b)
 
 
 def add_grouped_lora(
     groups: LoRAGroups, y: torch.Tensor, x: torch.Tensor, weights: PreparedLoRAWeights
 ) -> None:
-    """y[rows, :sum of widths] += (x[rows] @ A^T * scale) @ B^T for each row's slot, in place."""
-    width = weights.b.shape[-1]
+    """y[:, :sum of widths] += (x @ A^T * scale) @ B^T with each row's own slot, in place."""
+    k, rows, width = len(groups.counts), groups.computed_rows, weights.b.shape[-1]
+    xs = x.index_select(0, groups.gather_rows)
+    out = torch.empty(rows + 1, width, dtype=y.dtype)
+    out[rows].zero_()  # the row that batch rows without a LoRA read
     if groups.use_bmm:
-        shrunk = torch.bmm(x[groups.padded_rows].float(), weights.a.transpose(1, 2))
-        out = torch.bmm(shrunk.to(y.dtype), weights.b).view(-1, width)
-        if groups.valid is not None:
-            out = out.index_select(0, groups.valid)
+        shrunk = torch.bmm(xs.view(k, groups.widest, -1), weights.a)
+        torch.bmm(shrunk, weights.b, out=out[:rows].view(k, groups.widest, width))
     else:
-        xs = torch.split(x[groups.tokens].float(), groups.counts)
-        out = torch.cat(
-            [
-                (x_group @ a.t()).to(y.dtype) @ b
-                for x_group, a, b in zip(xs, weights.a, weights.b, strict=True)
-            ]
-        )
-    y[:, :width].index_add_(0, groups.tokens, out)
+        start = 0
+        for count, a, b in zip(groups.counts, weights.a, weights.b, strict=True):
+            torch.mm(xs[start : start + count] @ a, b, out=out[start : start + count])
+            start += count
+    y[:, :width].add_(out.index_select(0, groups.inverse))

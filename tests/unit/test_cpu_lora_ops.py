@@ -106,7 +106,8 @@ def test_grouping_chooses_bmm_for_balanced_and_loop_for_skewed_batches() -> None
     assert balanced is not None and balanced.use_bmm and balanced.counts == [2, 2, 2]
     skewed = LoRAGroups.from_token_slots(torch.tensor([1] * 30 + [0, 2]))
     assert skewed is not None and not skewed.use_bmm
-    assert skewed.tokens.tolist() == [30, *range(30), 31]
+    assert skewed.gather_rows.tolist() == [30, *range(30), 31]
+    assert skewed.inverse.tolist() == [*range(1, 31), 0, 31]
     assert LoRAGroups.from_token_slots(torch.tensor([-1, -1])) is None
 
 
@@ -115,7 +116,8 @@ def test_prepared_weights_follow_in_place_slot_reloads_and_slot_changes() -> Non
     must use the new weights, and a step with other active slots must use theirs."""
     in_size, slices = PROJECTIONS["qkv_proj"]
     lora_a, lora_b = _weights(16, in_size, slices, torch.float32, empty_last=True)
-    x = torch.randn(12, in_size)
+    x = torch.randn(12, in_size, generator=torch.Generator().manual_seed(0))
+    close = {"rtol": 1e-5, "atol": 1e-4}
 
     def step(slots: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         ref, new = _wrappers(slots, prefill=False)
@@ -127,11 +129,11 @@ def test_prepared_weights_follow_in_place_slot_reloads_and_slot_changes() -> Non
 
     cache: dict = {}
     first = step([i % 4 for i in range(12)])
-    torch.testing.assert_close(first[1], first[0])
+    torch.testing.assert_close(first[1], first[0], **close)
     for stacked in (*lora_a, *lora_b):  # an adapter reloaded into slot 2
         stacked[2, 0].normal_(std=0.05)
     second = step([i % 4 for i in range(12)])
-    torch.testing.assert_close(second[1], second[0])
+    torch.testing.assert_close(second[1], second[0], **close)
     assert not torch.allclose(second[1], first[1])
     third = step([(i % 3) + 4 for i in range(12)])  # other slots active
-    torch.testing.assert_close(third[1], third[0])
+    torch.testing.assert_close(third[1], third[0], **close)
