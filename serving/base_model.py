@@ -9,7 +9,6 @@ treated as corrupt or partial and rebuilt.
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import json
 import logging
@@ -20,6 +19,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from loraplex.adapters.manifest import sha256_file
 from loraplex.settings import default_cache_dir
 
 log = logging.getLogger(__name__)
@@ -52,17 +52,9 @@ def find_gguf_file() -> Path:
     return candidates[0]
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _hash_folder(folder: Path) -> dict[str, str]:
     return {
-        p.name: _sha256(p)
+        p.name: sha256_file(p)
         for p in sorted(folder.iterdir())
         if p.is_file() and p.name != COMPLETE_MARKER
     }
@@ -89,7 +81,7 @@ def verify_model_dir(folder: Path) -> str | None:
 
 def weights_hash(folder: Path) -> str:
     """Content hash of the base weights, recorded by manifests to pin adapters to a base."""
-    return _sha256(folder / "model.safetensors")
+    return sha256_file(folder / "model.safetensors")
 
 
 def pull_embedded_model(target: Path | None = None, force: bool = False) -> Path:
