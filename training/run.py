@@ -155,11 +155,12 @@ def train_task(config: TrainConfig, on_step: Any = None) -> RunResult:
     device = pick_device(config)
     if config.cpu_threads is not None:
         torch.set_num_threads(config.cpu_threads)
+    # Data errors surface before any model is loaded.
+    train, evaluation = split_data(config)
     base_dir = resolve_base_model(config)
     model, tokenizer = load_base(base_dir, device)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
-    train, evaluation = split_data(config)
     train_tok, train_report = tokenize_examples(
         tokenizer, train, config.max_seq_length, config.too_long
     )
