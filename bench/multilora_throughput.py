@@ -94,6 +94,31 @@ def run_engine(args: argparse.Namespace) -> None:
     args.out.write_text(json.dumps(results))
 
 
+def plot(summary: dict, kernels: list[str], path: Path) -> None:
+    """Bar chart of each row's throughput relative to its engine's base row."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    width = 0.8 / len(kernels)
+    for index, name in enumerate(kernels):
+        ratios = [summary[row][name]["ratio_to_base"] for row in ROWS]
+        xs = [i + index * width for i in range(len(ROWS))]
+        bars = ax.bar(xs, ratios, width, label=f"{name} CPU LoRA ops")
+        ax.bar_label(bars, fmt="%.2f", fontsize=8)
+    ax.axhline(0.85, color="grey", linestyle="--", linewidth=1, label="target 0.85")
+    ax.set_xticks([i + width * (len(kernels) - 1) / 2 for i in range(len(ROWS))], ROWS)
+    ax.set_ylabel("output tok/s / base tok/s")
+    ax.set_ylim(0, 1.15)
+    ax.legend(fontsize=8)
+    ax.set_title("Multi-LoRA throughput on CPU, relative to the base model")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    print(f"wrote {path}")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--prompts", type=int, default=64)
@@ -154,6 +179,7 @@ def main() -> int:
             line += f"{speedup:>9.2f}{same:>8}/{len(old['token_ids'])}"
         print(line)
     partial.unlink()
+    plot(summary, args.kernels, args.out.with_suffix(".png"))
     report = {"workload": vars(args) | {"out": str(args.out)}, "rows": summary}
     args.out.write_text(json.dumps(report, indent=2))
     print(f"wrote {args.out}")
