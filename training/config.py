@@ -56,6 +56,8 @@ class OptimSection(_Section):
     """Examples per micro-batch."""
     grad_accumulation: int = Field(1, ge=1)
     """Micro-batches per optimizer step."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass: less memory, about a third more compute."""
     max_grad_norm: float | None = Field(1.0, gt=0)
     """Clip the gradient norm to this value (null: no clipping)."""
 

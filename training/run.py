@@ -192,6 +192,9 @@ def train_task(config: TrainConfig, on_step: Any = None) -> RunResult:
     )
     seed_everything(config.seed)
     model = get_peft_model(model, lora)
+    if config.optim.gradient_checkpointing:
+        # Non-reentrant checkpointing needs no gradient on the (frozen) inputs.
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
     started = time.perf_counter()
     settings = LoopSettings(

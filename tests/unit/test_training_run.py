@@ -101,6 +101,7 @@ def test_same_seed_same_adapter_other_seed_other_adapter(tiny_base: Path, tmp_pa
         model = lora_model(tiny_base)
         loop = settings(resume=False)
         loop.seed = seed
+        loop.optim = loop.optim.model_copy(update={"max_steps": 3, "grad_accumulation": 1})
         train_loop(model, data, [], loop, tmp_path / str(i), pad_id=2)
         runs.append(lora_weights(model))
     assert all(torch.equal(runs[0][k], runs[1][k]) for k in runs[0])
