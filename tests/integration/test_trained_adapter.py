@@ -29,7 +29,7 @@ TASK = Path(__file__).resolve().parents[2] / "examples" / "tasks" / "ticket-rout
 ADAPTER = "tasks/ticket-routing"
 STEPS = 24
 EVAL_EXAMPLES = 40
-# Measured (README "Training"): base 0 %, adapter 100 % after 24 steps on these 40.
+# Measured: base 0 %, adapter 100 % after 24 steps on these 40 (full integration run).
 BASE_AT_MOST, ADAPTER_AT_LEAST = 0.10, 0.80
 EOS = 2
 

@@ -26,7 +26,7 @@ from loraplex.training.trainer import CHECKPOINTS_DIR, LoopSettings, TrainState,
 pytestmark = pytest.mark.skipif(
     verify_model_dir(embedded_model_dir()) is not None, reason="run `loraplex model pull` first"
 )
-TASK = Path("examples/tasks/ticket-routing")
+TASK = Path(__file__).resolve().parents[2] / "examples" / "tasks" / "ticket-routing"
 
 
 @pytest.fixture(scope="module")
