@@ -3,16 +3,24 @@
 
 VENV ?= .venv
 BIN := $(VENV)/bin
+ADAPTERS ?= $(or $(LORAPLEX_ADAPTERS_DIR),$(HOME)/.cache/loraplex/adapters)
+DEMO_TASK := ticket-routing
 
 .PHONY: setup serve test unit lint bench clean
 
 setup:
 	@scripts/setup-env.sh
 
+# Serves the base model, the seeded demo adapters and one trained example adapter
+# (tasks/ticket-routing, trained once on first run, a few minutes on 2 cores).
 serve: setup
 	$(BIN)/loraplex model pull
-	$(BIN)/loraplex adapters demo
-	$(BIN)/loraplex serve
+	$(BIN)/loraplex adapters demo --adapters-dir "$(ADAPTERS)"
+	@test -f "$(ADAPTERS)/tasks/$(DEMO_TASK)/adapter_model.safetensors" || { \
+	  $(BIN)/loraplex train examples/tasks/$(DEMO_TASK)/train.yaml && \
+	  mkdir -p "$(ADAPTERS)/tasks" && \
+	  cp -r runs/tasks/$(DEMO_TASK) "$(ADAPTERS)/tasks/"; }
+	$(BIN)/loraplex serve --adapters-dir "$(ADAPTERS)"
 
 test: setup
 	$(BIN)/ruff check .

@@ -80,17 +80,22 @@ async def throughput_round(url: str, models: list[str], args: argparse.Namespace
 
 
 def added_latency(direct: str, router: str, models: list[str], count: int) -> list[float]:
-    """Per-pair difference of sequential 1-token requests (router minus direct), in ms."""
+    """Per-pair difference of sequential 1-token requests (router minus direct), in ms.
+
+    The order inside a pair alternates: the first request after an idle moment pays
+    the engine's wake-up, which would otherwise be charged to one path only.
+    """
     differences = []
     with httpx.Client(timeout=60) as client:
         for index in range(count):
             body = {"model": models[index % len(models)], "prompt": "Hi", "max_tokens": 1}
-            timings = []
-            for url in (direct, router):
+            timings = {}
+            order = (direct, router) if index % 2 == 0 else (router, direct)
+            for url in order:
                 started = time.perf_counter()
                 client.post(f"{url}/v1/completions", json=body).raise_for_status()
-                timings.append(time.perf_counter() - started)
-            differences.append((timings[1] - timings[0]) * 1000)
+                timings[url] = time.perf_counter() - started
+            differences.append((timings[router] - timings[direct]) * 1000)
     return differences
 
 
