@@ -6,7 +6,9 @@ table and writes JSON. Two measurements:
 
 - throughput: N requests x T output tokens (ignore_eos), concurrency C, mixed over the
   base model and the demo adapters; ratio router/direct.
-- added latency: sequential 1-token requests, router minus direct, p50 and p95.
+- added latency: sequential 1-token requests, router minus direct, p50 and p95;
+- router-only overhead: the same sequential requests against an instant stub backend
+  (bench/stub_backend.py), where engine jitter cannot hide or fake the difference.
 
 Usage: python bench/router_overhead.py [--requests 64] [--tokens 64] [--concurrency 16]
 """
@@ -99,6 +101,43 @@ def added_latency(direct: str, router: str, models: list[str], count: int) -> li
     return differences
 
 
+def wait_ready(url: str, process: subprocess.Popen, path: str = "/ready") -> bool:
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline and process.poll() is None:
+        try:
+            if httpx.get(f"{url}{path}", timeout=2).status_code == 200:
+                return True
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    return False
+
+
+def stub_overhead(models: list[str], adapters_dir: Path, count: int) -> list[float]:
+    """Router-minus-direct latency against an instant stub backend, in ms."""
+    stub_port, port = free_port(), free_port()
+    stub, router = f"http://127.0.0.1:{stub_port}", f"http://127.0.0.1:{port}"
+    script = Path(__file__).with_name("stub_backend.py")
+    processes = [subprocess.Popen([sys.executable, str(script), str(stub_port)])]
+    try:
+        if not wait_ready(stub, processes[0], "/health"):
+            raise RuntimeError("stub backend failed to start")
+        command = [
+            sys.executable, "-m", "loraplex.cli", "serve", "--port", str(port),
+            "--backend-url", stub, "--base-model", "unused", "--log-level", "warning",
+            "--adapters-dir", str(adapters_dir),
+        ]  # fmt: skip
+        processes.append(subprocess.Popen(command, stdout=subprocess.DEVNULL))
+        if not wait_ready(router, processes[1]):
+            raise RuntimeError("router failed to start")
+        added_latency(stub, router, models, 50)  # warm both paths
+        return added_latency(stub, router, models, count)
+    finally:
+        for process in processes:
+            process.send_signal(signal.SIGTERM)
+            process.wait(timeout=30)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--requests", type=int, default=64)
@@ -106,6 +145,7 @@ def main() -> int:
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--rounds", type=int, default=2, help="alternating rounds per path")
     parser.add_argument("--latency-samples", type=int, default=200)
+    parser.add_argument("--stub-samples", type=int, default=1000)
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--out", type=Path, default=Path("bench/out/router_overhead.json"))
     args = parser.parse_args()
@@ -124,17 +164,9 @@ def main() -> int:
     env = dict(os.environ, LORAPLEX_ADAPTERS_DIR=str(adapters_dir))
     process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL)
     try:
-        deadline = time.monotonic() + 600
-        while True:
-            try:
-                if httpx.get(f"{router}/ready", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if process.poll() is not None or time.monotonic() > deadline:
-                print("loraplex serve failed to start", file=sys.stderr)
-                return 1
-            time.sleep(1)
+        if not wait_ready(router, process):
+            print("loraplex serve failed to start", file=sys.stderr)
+            return 1
         models = [BASE_NAME, *(spec.name for spec in DEMO_ADAPTERS)]
         # Warm-up through the router registers the adapters with vLLM for both paths.
         warm = argparse.Namespace(requests=8, tokens=8, concurrency=8)
@@ -150,6 +182,7 @@ def main() -> int:
         process.send_signal(signal.SIGTERM)
         process.wait(timeout=120)
 
+    stub_differences = stub_overhead(models, adapters_dir, args.stub_samples)
     direct_tok_s = statistics.mean(r["tok_s"] for r in results["direct"])
     router_tok_s = statistics.mean(r["tok_s"] for r in results["router"])
     report = {
@@ -162,6 +195,8 @@ def main() -> int:
         "throughput_ratio": router_tok_s / direct_tok_s,
         "added_latency_ms_p50": percentile(differences, 0.5),
         "added_latency_ms_p95": percentile(differences, 0.95),
+        "stub_added_ms_p50": percentile(stub_differences, 0.5),
+        "stub_added_ms_p95": percentile(stub_differences, 0.95),
         "rounds": results,
     }
     print(
@@ -176,6 +211,10 @@ def main() -> int:
         f"added latency per request ({args.latency_samples} sequential 1-token requests): "
         f"p50 {report['added_latency_ms_p50']:.2f} ms, "
         f"p95 {report['added_latency_ms_p95']:.2f} ms"
+    )
+    print(
+        f"router-only overhead ({args.stub_samples} sequential requests, instant stub backend): "
+        f"p50 {report['stub_added_ms_p50']:.2f} ms, p95 {report['stub_added_ms_p95']:.2f} ms"
     )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2))
