@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -15,7 +14,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from loraplex.adapters.local_store import LocalAdapter, LocalAdapterStore
 from loraplex.router.adapter_loading import AdapterLoader
-from loraplex.router.backend_client import BackendClient
+from loraplex.router.backend_client import BackendClient, error_detail
 from loraplex.router.errors import APIError, error_body, error_response
 from loraplex.router.protocol import ChatCompletionRequest, CompletionRequest, parse_request
 from loraplex.router.request_log import RequestLogMiddleware
@@ -129,9 +128,5 @@ def _backend_error(status: int, content: bytes) -> Response:
 
     vLLM uses its own `type` names ("BadRequestError"); clients get OpenAI's.
     """
-    try:
-        error = json.loads(content)["error"]
-        message, param = str(error["message"]), error.get("param")
-    except (ValueError, KeyError, TypeError):
-        message, param = content[:500].decode("utf-8", errors="replace"), None
+    message, param = error_detail(content)
     return JSONResponse(error_body(status, message, param), status)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import httpx
 
@@ -35,12 +37,13 @@ class BackendClient:
 
     async def load_adapter(self, name: str, path: str) -> None:
         """Register an adapter with the backend; already registered counts as success."""
-        response = await self._request(
-            "POST", "/v1/load_lora_adapter", json={"lora_name": name, "lora_path": path}
-        )
+        with _mapped_backend_errors():
+            response = await self._client.post(
+                "/v1/load_lora_adapter", json={"lora_name": name, "lora_path": path}
+            )
         if response.status_code == 200:
             return
-        message = error_message(response)
+        message, _ = error_detail(response.content)
         if response.status_code == 400 and "already been loaded" in message:
             return
         raise APIError(
@@ -51,30 +54,25 @@ class BackendClient:
     async def send(self, path: str, body: bytes, stream: bool) -> httpx.Response:
         """Forward a request body as is; the caller closes the response when streaming."""
         request = self._client.build_request("POST", path, content=body, headers=_FORWARDED_HEADERS)
-        try:
+        with _mapped_backend_errors():
             return await self._client.send(request, stream=stream)
-        except httpx.TimeoutException as exc:
-            raise APIError(504, f"Backend timed out: {exc!r}", code="backend_timeout") from None
-        except httpx.HTTPError as exc:
-            raise APIError(
-                503, f"Backend unavailable: {exc!r}", code="backend_unavailable"
-            ) from None
-
-    async def _request(self, method: str, path: str, **kwargs: object) -> httpx.Response:
-        try:
-            return await self._client.request(method, path, **kwargs)  # type: ignore[arg-type]
-        except httpx.HTTPError as exc:
-            raise APIError(
-                503, f"Backend unavailable: {exc!r}", code="backend_unavailable"
-            ) from None
 
 
-def error_message(response: httpx.Response) -> str:
-    """The human message inside a backend error response (OpenAI shape or not)."""
+@contextmanager
+def _mapped_backend_errors() -> Iterator[None]:
+    """Transport failures talking to the backend become 504 (timeout) or 503 APIErrors."""
     try:
-        payload = response.json()
-    except json.JSONDecodeError:
-        return response.text[:500]
-    if isinstance(payload, dict) and isinstance(payload.get("error"), dict):
-        return str(payload["error"].get("message", payload))
-    return str(payload)[:500]
+        yield
+    except httpx.TimeoutException as exc:
+        raise APIError(504, f"Backend timed out: {exc!r}", code="backend_timeout") from None
+    except httpx.HTTPError as exc:
+        raise APIError(503, f"Backend unavailable: {exc!r}", code="backend_unavailable") from None
+
+
+def error_detail(content: bytes) -> tuple[str, str | None]:
+    """(message, param) of a backend error body, OpenAI-shaped or not."""
+    try:
+        error = json.loads(content)["error"]
+        return str(error["message"]), error.get("param")
+    except (ValueError, KeyError, TypeError):
+        return content[:500].decode("utf-8", errors="replace"), None
