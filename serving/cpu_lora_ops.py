@@ -129,7 +129,7 @@ def prepare_weights(
     )
     if cached is not None and cached.key == key:
         return cached
-    a = torch.cat([_active(t, groups.slots) for t in lora_a], dim=1).float() * scale
+    a = torch.cat([_active(t, groups.slots) for t in lora_a], dim=1).to(dtype) * scale
     rank = lora_b[0].shape[-1]
     widths = [t.shape[2] for t in lora_b]
     b = torch.zeros(len(groups.counts), rank * len(lora_b), sum(widths), dtype=dtype)
@@ -138,7 +138,7 @@ def prepare_weights(
         block = _active(stacked, groups.slots).transpose(1, 2)  # (k, r, width)
         b[:, index * rank : (index + 1) * rank, offset : offset + width] = block
         offset += width
-    return PreparedLoRAWeights(key=key, a=a.to(dtype).transpose(1, 2).contiguous(), b=b)
+    return PreparedLoRAWeights(key=key, a=a.transpose(1, 2).contiguous(), b=b)
 
 
 def add_grouped_lora(
