@@ -1,0 +1,1 @@
+"""Alembic migrations of loraplex's database (see README.md here)."""
