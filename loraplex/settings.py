@@ -58,8 +58,17 @@ class ServeSettings(BaseSettings):
     """How long to wait for the vLLM child to report healthy."""
     backend_timeout_s: float = Field(600.0, gt=0)
     """Read timeout for one request to the backend."""
+    database_url: str = ""
+    """SQLAlchemy URL of the catalog/tenancy database; empty = SQLite file in the cache."""
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     """Log level of the router (JSON lines on stderr)."""
+
+    def resolved_database_url(self) -> str:
+        if self.database_url:
+            return self.database_url
+        from loraplex.database import sqlite_url
+
+        return sqlite_url(default_cache_dir() / "loraplex.db")
 
     def base_model_path(self) -> str:
         """The base model the backend loads, defaulting to the pulled SmolLM2."""

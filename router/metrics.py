@@ -1,0 +1,89 @@
+"""The router's Prometheus metrics: one definition per metric, shared by every module.
+
+Names follow Prometheus conventions (`loraplex_` prefix, base units, `_total` for
+counters). Labels `adapter` and `tenant` take user-controlled values, so their
+cardinality is bounded: the first `max_label_values` distinct values of each keep
+their own series; later ones are reported as `other` (and logged once).
+The deploy/ dashboards and alert rules query exactly these names.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+from prometheus_client import Counter, Gauge, Histogram
+
+log = logging.getLogger(__name__)
+
+OVERFLOW_LABEL = "other"
+
+# Latency buckets for an LLM: TTFT from tens of ms to minutes on CPU under load.
+_LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+_PER_TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
+
+REQUESTS = Counter(
+    "loraplex_requests", "Completed API requests by HTTP status.",
+    ["adapter", "tenant", "status"],
+)  # fmt: skip
+PROMPT_TOKENS = Counter("loraplex_prompt_tokens", "Prompt tokens processed.", ["adapter", "tenant"])
+COMPLETION_TOKENS = Counter(
+    "loraplex_completion_tokens", "Completion tokens generated.", ["adapter", "tenant"]
+)
+TIME_TO_FIRST_TOKEN = Histogram(
+    "loraplex_time_to_first_token_seconds", "Time from request to the first output token.",
+    ["adapter", "tenant"], buckets=_LATENCY_BUCKETS,
+)  # fmt: skip
+TIME_PER_OUTPUT_TOKEN = Histogram(
+    "loraplex_time_per_output_token_seconds", "Mean time between output tokens of a request.",
+    ["adapter", "tenant"], buckets=_PER_TOKEN_BUCKETS,
+)  # fmt: skip
+REQUEST_DURATION = Histogram(
+    "loraplex_request_duration_seconds", "End-to-end request latency.",
+    ["adapter", "tenant"], buckets=_LATENCY_BUCKETS,
+)  # fmt: skip
+IN_FLIGHT = Gauge("loraplex_requests_in_flight", "Requests being served.", ["adapter", "tenant"])
+QUOTA_REJECTIONS = Counter(
+    "loraplex_quota_rejections", "Requests refused with 429, by the limit that was hit.",
+    ["tenant", "limit"],
+)  # fmt: skip
+ADAPTER_LOADS = Counter(
+    "loraplex_adapter_loads", "Adapter registrations with the backend, by result.",
+    ["adapter", "result"],
+)  # fmt: skip
+ADAPTER_LOAD_DURATION = Histogram(
+    "loraplex_adapter_load_duration_seconds",
+    "Time to fetch and register an adapter.",
+    buckets=_LATENCY_BUCKETS,
+)
+ADAPTER_EVICTIONS = Counter(
+    "loraplex_adapter_evictions", "Adapters unregistered from the backend to make room."
+)
+BACKEND_UP = Gauge("loraplex_backend_up", "1 when the vLLM backend answers its health check.")
+
+
+class LabelLimiter:
+    """Caps the distinct values one label may take; the rest become `other`."""
+
+    def __init__(self, label: str, max_values: int) -> None:
+        self.label = label
+        self.max_values = max_values
+        self._seen: set[str] = set()
+        self._lock = threading.Lock()
+        self._warned = False
+
+    def __call__(self, value: str | None) -> str:
+        value = value or "none"
+        if value in self._seen:
+            return value
+        with self._lock:
+            if len(self._seen) < self.max_values:
+                self._seen.add(value)
+                return value
+            if not self._warned:
+                self._warned = True
+                log.warning(
+                    "metric label limit reached; further values are reported as 'other'",
+                    extra={"label": self.label, "max_values": self.max_values},
+                )
+        return OVERFLOW_LABEL
