@@ -6,10 +6,14 @@ BIN := $(VENV)/bin
 ADAPTERS ?= $(or $(LORAPLEX_ADAPTERS_DIR),$(HOME)/.cache/loraplex/adapters)
 DEMO_TASK := ticket-routing
 
-.PHONY: setup serve test unit lint bench clean
+.PHONY: setup services serve test unit lint bench clean
 
 setup:
 	@scripts/setup-env.sh
+
+# Real servers the tests start on loopback (Prometheus), from Debian packages.
+services:
+	@scripts/install-services.sh
 
 # Serves the base model, the seeded demo adapters and one trained example adapter
 # (tasks/ticket-routing, trained once on first run, a few minutes on 2 cores).
@@ -22,7 +26,7 @@ serve: setup
 	  cp -r runs/tasks/$(DEMO_TASK) "$(ADAPTERS)/tasks/"; }
 	$(BIN)/loraplex serve --adapters-dir "$(ADAPTERS)"
 
-test: setup
+test: setup services
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q -p no:cacheprovider tests
 
