@@ -9,6 +9,8 @@ import sys
 import typing
 from pathlib import Path
 
+from loraplex.cli_registry import add_registry_commands
+from loraplex.cli_tenancy import add_tenancy_commands
 from loraplex.logs import configure_logging
 from loraplex.settings import ServeSettings
 
@@ -70,6 +72,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from loraplex.router.app import create_app
+    from loraplex.router.tenancy import check_serve_access
     from loraplex.serving.base_model import pull_embedded_model
     from loraplex.serving.vllm_backend import VLLMBackendProcess
 
@@ -83,6 +86,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, _interrupt)
     backend: VLLMBackendProcess | None = None
     try:
+        check_serve_access(settings)  # before minutes of model loading, not after
         if not settings.base_model:
             pull_embedded_model()
         backend_url = settings.backend_url
@@ -115,17 +119,25 @@ def cmd_train(args: argparse.Namespace) -> int:
     from loraplex.adapters.compat import IncompatibleAdapter
     from loraplex.training.config import ConfigError, load_configs
     from loraplex.training.data import DataError
+    from loraplex.training.distributed import launched_ranks, stop
     from loraplex.training.run import train_task
 
+    # Under torchrun every rank runs this; rank 0 alone speaks.
+    main_rank = launched_ranks().is_main
     try:
         configs = load_configs(args.config)
         for config in configs:
-            print(f"training {config.name} → {config.run_dir}", file=sys.stderr)
+            if main_rank:
+                print(f"training {config.name} → {config.run_dir}", file=sys.stderr)
             result = train_task(config)
-            print(result.run_dir)
+            if main_rank:
+                print(result.run_dir)
     except (ConfigError, DataError, IncompatibleAdapter) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        if main_rank:
+            print(f"error: {exc}", file=sys.stderr)
         return 2
+    finally:
+        stop()
     return 0
 
 
@@ -214,6 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_settings_flags(demo)
     demo.set_defaults(func=cmd_adapters_demo)
+    add_registry_commands(adapters)
 
     serve = commands.add_parser(
         "serve",
@@ -224,6 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_settings_flags(serve)
     serve.set_defaults(func=cmd_serve)
     _add_training_commands(commands)
+    add_tenancy_commands(commands)
     return parser
 
 

@@ -4,6 +4,10 @@ The run folder (`output_dir`) ends up holding a standard peft adapter
 (`adapter_config.json`, `adapter_model.safetensors`) that `loraplex serve` loads
 as is, plus `manifest.json`, the resolved `config.yaml`, `metrics.json`,
 `data_report.json` and `loss.png`.
+
+Under torchrun every rank runs this function on the same config: all of them
+read and tokenize the data and train their shard; rank 0 alone prints reports
+and writes files, and held-out scoring is split across the ranks.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ from loraplex.training.data import (
     tokenize_examples,
 )
 from loraplex.training.data_report import build_data_report, format_data_report, write_data_report
+from loraplex.training.distributed import SINGLE, Ranks, launched_ranks, start
 from loraplex.training.evaluate import compare_table, score_model
 from loraplex.training.plots import LOSS_PLOT_FILE, plot_losses
 from loraplex.training.trainer import LoopSettings, TrainState, train_loop
@@ -58,10 +63,13 @@ def resolve_base_model(config: TrainConfig) -> Path:
     return pull_embedded_model()
 
 
-def pick_device(config: TrainConfig) -> torch.device:
-    if config.device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(config.device)
+def pick_device(config: TrainConfig, ranks: Ranks = SINGLE) -> torch.device:
+    kind = config.device
+    if kind == "auto":
+        kind = "cuda" if torch.cuda.is_available() else "cpu"
+    if kind == "cuda" and ranks.active:
+        return torch.device("cuda", ranks.local_rank)  # one GPU per process
+    return torch.device(kind)
 
 
 def seed_everything(seed: int) -> None:
@@ -126,22 +134,28 @@ def evaluate_settings(
     train: list[Example],
     evaluation: list[Example],
     include_adapter: bool = True,
+    ranks: Ranks = SINGLE,
 ) -> dict[str, float]:
     """Held-out metric for base, base with k shots, and the adapter (a peft model)."""
     examples = evaluation[: config.eval.max_examples]
     metric, tokens = config.eval.metric, config.eval.max_new_tokens
+
+    def score(shots: list[Example]) -> float:
+        # Each rank answers its shard; the mean is taken over all of them.
+        mine = ranks.shard(examples)
+        local = score_model(model, tokenizer, mine, metric, tokens, shots).score if mine else 0.0
+        total, count = ranks.sum([local * len(mine), len(mine)])
+        return total / count
+
     results: dict[str, float] = {}
     if config.eval.baselines:
         with model.disable_adapter():
-            results["base"] = score_model(model, tokenizer, examples, metric, tokens).score
+            results["base"] = score([])
             k = config.eval.few_shot
             if k:
-                shots = train[:k]
-                results[f"base_few_shot_{k}"] = score_model(
-                    model, tokenizer, examples, metric, tokens, shots
-                ).score
+                results[f"base_few_shot_{k}"] = score(train[:k])
     if include_adapter:
-        results["adapter"] = score_model(model, tokenizer, examples, metric, tokens).score
+        results["adapter"] = score([])
     return results
 
 
@@ -150,9 +164,12 @@ def train_task(config: TrainConfig, on_step: Any = None) -> RunResult:
     from peft import LoraConfig, get_peft_model
 
     run_dir = config.run_dir
-    run_dir.mkdir(parents=True, exist_ok=True)
-    config.write_resolved(run_dir)
-    device = pick_device(config)
+    ranks = launched_ranks()
+    device = pick_device(config, ranks)
+    start(ranks, device)
+    if ranks.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        config.write_resolved(run_dir)
     if config.cpu_threads is not None:
         torch.set_num_threads(config.cpu_threads)
     # Data errors surface before any model is loaded.
@@ -175,9 +192,12 @@ def train_task(config: TrainConfig, on_step: Any = None) -> RunResult:
         eval_tok, eval_report = tokenize_examples(
             tokenizer, evaluation, config.max_seq_length, "truncate"
         )
-    report = build_data_report(train, evaluation, train_report, eval_report, config.max_seq_length)
-    tqdm.write(format_data_report(report))
-    write_data_report(report, run_dir)
+    if ranks.is_main:
+        report = build_data_report(
+            train, evaluation, train_report, eval_report, config.max_seq_length
+        )
+        tqdm.write(format_data_report(report))
+        write_data_report(report, run_dir)
 
     lora = LoraConfig(
         r=config.lora.r, lora_alpha=config.lora.alpha, lora_dropout=config.lora.dropout,
@@ -201,17 +221,21 @@ def train_task(config: TrainConfig, on_step: Any = None) -> RunResult:
         optim=config.optim, seed=config.seed, eval_interval=config.eval.interval,
         checkpoint_interval=config.checkpoint_interval, keep_checkpoints=config.keep_checkpoints,
         early_stopping_patience=config.early_stopping_patience, resume=config.resume,
+        ranks=ranks,
     )  # fmt: skip
     state = train_loop(model, train_tok, eval_tok, settings, run_dir, pad_id, on_step)
     train_seconds = time.perf_counter() - started
 
+    results: dict[str, float] = {}
+    if evaluation:
+        results = evaluate_settings(model, tokenizer, config, train, evaluation, ranks=ranks)
+    if not ranks.is_main:
+        return RunResult(run_dir, state, results, train_seconds)
+
     model.save_pretrained(run_dir)
     adapter_config = _fix_adapter_config(run_dir, base_dir)
     plot_losses(state.history, run_dir / LOSS_PLOT_FILE, config.name)
-
-    results: dict[str, float] = {}
-    if evaluation:
-        results = evaluate_settings(model, tokenizer, config, train, evaluation)
+    if results:
         tqdm.write(compare_table(config.eval.metric, results))
 
     from loraplex.serving.base_model import weights_hash

@@ -3,7 +3,12 @@
 A plain torch loop (no Trainer framework) so that what runs is visible here.
 The data order is a pure function of (seed, epoch), so a resumed run only
 needs the step number to continue exactly where it stopped; the checkpoint
-holds the LoRA weights, optimizer, schedule and RNG state.
+holds the LoRA weights, optimizer, schedule and RNG state, and the best
+weights so far when early stopping is on.
+
+Under a launcher (see `distributed.py`) each rank trains on a shard of every
+global micro-batch; the loss is divided by the answer tokens of the whole
+global step, so N processes take the same optimizer step as one.
 """
 
 from __future__ import annotations
@@ -24,8 +29,10 @@ from transformers import get_scheduler
 
 from loraplex.training.config import OptimSection
 from loraplex.training.data import IGNORE_INDEX, TokenizedExample
+from loraplex.training.distributed import SINGLE, Ranks
 
 CHECKPOINTS_DIR = "checkpoints"
+BEST_WEIGHTS_FILE = "best_adapter_model.safetensors"
 
 
 @dataclass
@@ -50,6 +57,8 @@ class LoopSettings:
     keep_checkpoints: int
     early_stopping_patience: int | None
     resume: bool
+    ranks: Ranks = SINGLE
+    """This process among the data-parallel ones; SINGLE when not launched by torchrun."""
 
 
 def total_steps(n_examples: int, optim: OptimSection) -> int:
@@ -102,17 +111,31 @@ def summed_loss(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tenso
     return loss, int((labels != IGNORE_INDEX).sum())
 
 
+def answer_token_count(example: TokenizedExample) -> int:
+    """Tokens of `example` that carry loss (the first token predicts nothing)."""
+    return sum(label != IGNORE_INDEX for label in example.labels[1:])
+
+
 @torch.no_grad()
-def eval_loss(model: Any, examples: list[TokenizedExample], pad_id: int, batch_size: int) -> float:
+def eval_loss(
+    model: Any,
+    examples: list[TokenizedExample],
+    pad_id: int,
+    batch_size: int,
+    ranks: Ranks = SINGLE,
+) -> float:
+    """Mean answer-token loss over `examples`; each rank scores its shard."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
+    mine = ranks.shard(examples)
     total, count = 0.0, 0
-    for start in range(0, len(examples), batch_size):
-        batch = collate(examples[start : start + batch_size], pad_id)
+    for start in range(0, len(mine), batch_size):
+        batch = collate(mine[start : start + batch_size], pad_id)
         loss, n = summed_loss(model, {k: v.to(device) for k, v in batch.items()})
         total, count = total + float(loss), count + n
     model.train(was_training)
+    total, count = ranks.sum([total, count])
     return total / max(count, 1)
 
 
@@ -120,8 +143,18 @@ def _checkpoints(run_dir: Path) -> list[Path]:
     return sorted((run_dir / CHECKPOINTS_DIR).glob("step-*"))
 
 
+def _lora_weights(model: Any) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in get_peft_model_state_dict(model).items()}
+
+
 def _save_checkpoint(
-    run_dir: Path, model: Any, optimizer: Any, scheduler: Any, state: TrainState, keep: int
+    run_dir: Path,
+    model: Any,
+    optimizer: Any,
+    scheduler: Any,
+    state: TrainState,
+    keep: int,
+    best_weights: dict[str, torch.Tensor] | None,
 ) -> None:
     final = run_dir / CHECKPOINTS_DIR / f"step-{state.step:07d}"
     staging = final.with_name(final.name + ".tmp")
@@ -131,6 +164,9 @@ def _save_checkpoint(
         {k: v.contiguous() for k, v in get_peft_model_state_dict(model).items()},
         staging / "adapter_model.safetensors",
     )
+    if best_weights is not None:
+        # Without them a resumed run that then stops early would keep its last weights.
+        save_file({k: v.contiguous() for k, v in best_weights.items()}, staging / BEST_WEIGHTS_FILE)
     torch.save(
         {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
          "rng": torch.get_rng_state()},
@@ -143,13 +179,19 @@ def _save_checkpoint(
         shutil.rmtree(old)
 
 
-def _load_checkpoint(path: Path, model: Any, optimizer: Any, scheduler: Any) -> TrainState:
+def _load_checkpoint(
+    path: Path, model: Any, optimizer: Any, scheduler: Any
+) -> tuple[TrainState, dict[str, torch.Tensor] | None]:
+    """Restore a checkpoint into model, optimizer and scheduler: (state, best weights)."""
+    device = next(model.parameters()).device
     set_peft_model_state_dict(model, load_file(path / "adapter_model.safetensors"))
-    saved = torch.load(path / "trainer.pt", weights_only=False)
+    saved = torch.load(path / "trainer.pt", weights_only=False, map_location=device)
     optimizer.load_state_dict(saved["optimizer"])
     scheduler.load_state_dict(saved["scheduler"])
-    torch.set_rng_state(saved["rng"])
-    return TrainState(**json.loads((path / "state.json").read_text()))
+    torch.set_rng_state(saved["rng"].cpu())
+    best_file = path / BEST_WEIGHTS_FILE
+    best = load_file(best_file, device=str(device)) if best_file.is_file() else None
+    return TrainState(**json.loads((path / "state.json").read_text())), best
 
 
 def train_loop(
@@ -167,9 +209,10 @@ def train_loop(
     Checkpoints are removed once the run completes: they exist to resume
     interrupted runs.
     """
-    optim = settings.optim
+    optim, ranks = settings.optim, settings.ranks
     device = next(model.parameters()).device
     params = [p for p in model.parameters() if p.requires_grad]
+    answer_counts = [answer_token_count(e) for e in train]
     optimizer = torch.optim.AdamW(params, lr=optim.lr, weight_decay=optim.weight_decay)
     steps = total_steps(len(train), optim)
     scheduler = get_scheduler(
@@ -177,31 +220,46 @@ def train_loop(
         num_training_steps=steps,
     )  # fmt: skip
     state = TrainState()
-    existing = _checkpoints(run_dir)
-    if settings.resume and existing:
-        state = _load_checkpoint(existing[-1], model, optimizer, scheduler)
-        tqdm.write(f"resuming from {existing[-1]} (step {state.step} of {steps})")
-    else:
-        shutil.rmtree(run_dir / CHECKPOINTS_DIR, ignore_errors=True)
     best_weights: dict[str, torch.Tensor] | None = None
+    existing = _checkpoints(run_dir)
+    # Every rank has listed the checkpoints before rank 0 may remove them.
+    ranks.barrier()
+    if settings.resume and existing:
+        state, best_weights = _load_checkpoint(existing[-1], model, optimizer, scheduler)
+        if ranks.is_main:
+            tqdm.write(f"resuming from {existing[-1]} (step {state.step} of {steps})")
+    elif ranks.is_main:
+        shutil.rmtree(run_dir / CHECKPOINTS_DIR, ignore_errors=True)
+    # The ranks seed alike, but one broadcast makes equal start weights a fact.
+    ranks.broadcast_parameters(params)
     model.train()
-    bar = tqdm(total=steps, initial=state.step, desc="train", unit="step", dynamic_ncols=True)
+    bar = tqdm(
+        total=steps, initial=state.step, desc="train", unit="step", dynamic_ncols=True,
+        disable=not ranks.is_main,
+    )  # fmt: skip
     while state.step < steps and not state.stopped_early:
-        batches = [
-            collate([train[i] for i in micro_batch(len(train), optim.batch_size, settings.seed,
-                                                   state.step * optim.grad_accumulation + j)],
-                    pad_id)
+        step_batches = [
+            micro_batch(len(train), optim.batch_size, settings.seed,
+                        state.step * optim.grad_accumulation + j)
             for j in range(optim.grad_accumulation)
         ]  # fmt: skip
-        # Normalize by the answer tokens of the whole step, so accumulation equals
-        # one big batch whatever the micro-batch lengths.
-        answer_tokens = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in batches)
-        step_loss = 0.0
-        for batch in batches:
+        # Normalize by the answer tokens of the whole global step, so accumulation and
+        # sharding over ranks equal one big batch whatever the micro-batch lengths.
+        answer_tokens = max(1, sum(answer_counts[i] for b in step_batches for i in b))
+        step_loss, step_tokens = 0.0, 0
+        for indices in step_batches:
+            mine = ranks.shard(indices)
+            if not mine:  # a short last batch of the epoch: nothing for this rank
+                continue
+            batch = collate([train[i] for i in mine], pad_id)
             loss, _ = summed_loss(model, {k: v.to(device) for k, v in batch.items()})
             (loss / answer_tokens).backward()
-            step_loss += loss.detach().item() / answer_tokens
-            state.tokens += int(batch["attention_mask"].sum())
+            step_loss += loss.detach().item()
+            step_tokens += int(batch["attention_mask"].sum())
+        ranks.sum_gradients(params)
+        step_loss, tokens = ranks.sum([step_loss, step_tokens])
+        step_loss /= answer_tokens
+        state.tokens += int(tokens)
         if optim.max_grad_norm is not None:
             torch.nn.utils.clip_grad_norm_(params, optim.max_grad_norm)
         optimizer.step()
@@ -212,14 +270,12 @@ def train_loop(
             "step": state.step, "loss": step_loss, "lr": scheduler.get_last_lr()[0]
         }  # fmt: skip
         if evaluation and (state.step % settings.eval_interval == 0 or state.step == steps):
-            record["eval_loss"] = eval_loss(model, evaluation, pad_id, optim.batch_size)
+            record["eval_loss"] = eval_loss(model, evaluation, pad_id, optim.batch_size, ranks)
             if state.best_eval_loss is None or record["eval_loss"] < state.best_eval_loss:
                 state.best_eval_loss, state.best_step = record["eval_loss"], state.step
                 state.evals_without_improvement = 0
                 if settings.early_stopping_patience is not None:
-                    best_weights = {
-                        k: v.detach().clone() for k, v in get_peft_model_state_dict(model).items()
-                    }
+                    best_weights = _lora_weights(model)
             else:
                 state.evals_without_improvement += 1
                 patience = settings.early_stopping_patience
@@ -231,13 +287,21 @@ def train_loop(
             loss=f"{step_loss:.3f}",
             **({"eval_loss": f"{record['eval_loss']:.3f}"} if "eval_loss" in record else {}),
         )
-        if state.step % settings.checkpoint_interval == 0 and state.step < steps:
-            _save_checkpoint(run_dir, model, optimizer, scheduler, state, settings.keep_checkpoints)
+        checkpoint_due = state.step % settings.checkpoint_interval == 0 and state.step < steps
+        if checkpoint_due and ranks.is_main:
+            _save_checkpoint(
+                run_dir, model, optimizer, scheduler, state, settings.keep_checkpoints,
+                best_weights,
+            )  # fmt: skip
         if on_step is not None:
             on_step(state)
     bar.close()
-    if state.stopped_early and best_weights is not None:
-        tqdm.write(f"early stop at step {state.step}; keeping step {state.best_step}")
+    if best_weights is not None and state.best_step != state.step:
+        # Early stopping keeps the best held-out weights, also when max_steps came first.
+        if ranks.is_main:
+            why = "early stop" if state.stopped_early else "done"
+            tqdm.write(f"{why} at step {state.step}; keeping step {state.best_step}")
         set_peft_model_state_dict(model, best_weights)
-    shutil.rmtree(run_dir / CHECKPOINTS_DIR, ignore_errors=True)
+    if ranks.is_main:
+        shutil.rmtree(run_dir / CHECKPOINTS_DIR, ignore_errors=True)
     return state

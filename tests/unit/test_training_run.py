@@ -14,7 +14,7 @@ import pytest
 import torch
 from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
 from safetensors.torch import load_file
-from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from transformers import AutoTokenizer, LlamaForCausalLM
 
 from loraplex.adapters.compat import IncompatibleAdapter
 from loraplex.adapters.manifest import read_manifest
@@ -22,25 +22,16 @@ from loraplex.serving.base_model import embedded_model_dir, verify_model_dir
 from loraplex.training.config import LLAMA_PROJECTIONS, OptimSection, TrainConfig
 from loraplex.training.data import read_examples, tokenize_examples
 from loraplex.training.trainer import CHECKPOINTS_DIR, LoopSettings, TrainState, train_loop
+from tests.unit.tiny_llama import TASK, build_tiny_llama
 
 pytestmark = pytest.mark.skipif(
     verify_model_dir(embedded_model_dir()) is not None, reason="run `loraplex model pull` first"
 )
-TASK = Path(__file__).resolve().parents[2] / "examples" / "tasks" / "ticket-routing"
 
 
 @pytest.fixture(scope="module")
 def tiny_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    folder = tmp_path_factory.mktemp("tiny-llama")
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=49152, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-        num_attention_heads=2, num_key_value_heads=1, head_dim=8, tie_word_embeddings=True,
-        bos_token_id=1, eos_token_id=2, pad_token_id=2,
-    )  # fmt: skip
-    LlamaForCausalLM(config).save_pretrained(folder)
-    AutoTokenizer.from_pretrained(embedded_model_dir()).save_pretrained(folder)
-    return folder
+    return build_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
 
 
 def lora_model(base: Path) -> torch.nn.Module:
