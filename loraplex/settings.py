@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -60,6 +60,12 @@ class ServeSettings(BaseSettings):
     """Read timeout for one request to the backend."""
     database_url: str = ""
     """SQLAlchemy URL of the catalog/tenancy database; empty = SQLite file in the cache."""
+    admin_key: SecretStr = SecretStr("")
+    """Admin API key (manages tenants, keys, quotas; calls every model). Prefer the env var."""
+    allow_open_access: bool = False
+    """Serve without API keys even on a non-loopback address when no tenant/key exists."""
+    metrics_max_label_values: int = Field(200, ge=1)
+    """Distinct adapter (and tenant) label values per metric; later ones count as `other`."""
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     """Log level of the router (JSON lines on stderr)."""
 

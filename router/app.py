@@ -16,8 +16,11 @@ from loraplex.adapters.local_store import LocalAdapter, LocalAdapterStore
 from loraplex.router.adapter_loading import AdapterLoader
 from loraplex.router.backend_client import BackendClient, error_detail
 from loraplex.router.errors import APIError, error_body, error_response
+from loraplex.router.metrics import BACKEND_UP
+from loraplex.router.metrics_api import metrics_router
 from loraplex.router.protocol import ChatCompletionRequest, CompletionRequest, parse_request
 from loraplex.router.request_log import RequestLogMiddleware
+from loraplex.router.tenancy import Tenancy
 from loraplex.settings import ServeSettings
 
 log = logging.getLogger(__name__)
@@ -28,14 +31,18 @@ def create_app(settings: ServeSettings, backend_url: str) -> FastAPI:
     store = LocalAdapterStore(settings.adapters_dir)
     loader = AdapterLoader(store, backend, settings.base_model_name)
     started_at = int(time.time())
+    tenancy = Tenancy.from_settings(settings)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         yield
         await backend.close()
+        tenancy.close()
 
     app = FastAPI(title="loraplex", version="0.1.0", lifespan=lifespan)
+    tenancy.install(app)  # auth, access, quotas, per-request metrics, /admin
     app.add_middleware(RequestLogMiddleware)
+    app.include_router(metrics_router(backend_url))
 
     @app.exception_handler(APIError)
     async def _api_error(_: Request, exc: APIError) -> JSONResponse:
@@ -86,10 +93,10 @@ def create_app(settings: ServeSettings, backend_url: str) -> FastAPI:
         return await forward(request, "/v1/completions", CompletionRequest)
 
     @app.get("/v1/models")
-    async def list_models() -> dict:
+    async def list_models(request: Request) -> dict:
         base = _model_card(settings.base_model_name, started_at, parent=None)
         cards = [base] + [_adapter_card(a, settings.base_model_name) for a in store.list()]
-        return {"object": "list", "data": cards}
+        return {"object": "list", "data": tenancy.visible(request, cards)}
 
     @app.get("/health")
     async def health() -> dict:
@@ -98,9 +105,16 @@ def create_app(settings: ServeSettings, backend_url: str) -> FastAPI:
 
     @app.get("/ready")
     async def ready() -> JSONResponse:
-        """The backend answers and the base model is loaded (Kubernetes readiness)."""
+        """The backend answers, the base model is loaded and the database answers
+        (Kubernetes readiness)."""
+        if not await tenancy.database_reachable():
+            return JSONResponse(
+                error_body(503, "Database is not reachable", code="database_unavailable"), 503
+            )
         if await backend.is_healthy():
-            return JSONResponse({"status": "ready", "backend": "up"})
+            BACKEND_UP.set(1)
+            return JSONResponse({"status": "ready", "backend": "up", "database": "up"})
+        BACKEND_UP.set(0)
         return JSONResponse(
             error_body(503, "Backend is not ready", code="backend_unavailable"), 503
         )

@@ -72,6 +72,10 @@ class LabelLimiter:
         self._lock = threading.Lock()
         self._warned = False
 
+    def known(self, value: str) -> bool:
+        """Whether `value` already has its own series (without claiming a place for it)."""
+        return value in self._seen
+
     def __call__(self, value: str | None) -> str:
         value = value or "none"
         if value in self._seen:

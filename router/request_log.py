@@ -50,6 +50,9 @@ class RequestLogMiddleware:
                     "path": scope["path"],
                     "status": status,
                     "model": state.get("model"),
+                    # Set by the API guard; the key's public prefix, never the key itself.
+                    "tenant": state.get("tenant"),
+                    "key_prefix": state.get("key_prefix"),
                     "duration_ms": round((time.perf_counter() - started) * 1000, 2),
                 },
             )

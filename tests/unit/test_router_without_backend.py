@@ -23,7 +23,9 @@ def client(tmp_path) -> TestClient:
     adapter.mkdir(parents=True)
     (adapter / "adapter_config.json").write_text("{}")
     (adapter / "adapter_model.safetensors").write_bytes(b"")
-    settings = ServeSettings(adapters_dir=tmp_path, base_model_name="base")
+    settings = ServeSettings(
+        adapters_dir=tmp_path, base_model_name="base", database_url=f"sqlite:///{tmp_path}/db"
+    )
     app = create_app(settings, f"http://127.0.0.1:{_closed_port()}")
     with TestClient(app) as test_client:
         yield test_client

@@ -1,0 +1,258 @@
+"""`loraplex tenants|keys|quotas`: manage tenants, API keys and quotas in the database.
+
+They write the same database the router reads on every request, so changes (a new key,
+a revocation, a quota) take effect without restarting the router.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+import typing
+from collections.abc import Callable
+from datetime import datetime, timezone
+
+from loraplex.settings import ServeSettings
+
+if typing.TYPE_CHECKING:
+    from loraplex.router.tenancy_store import TenancyStore
+
+
+def _store(args: argparse.Namespace) -> TenancyStore:
+    from loraplex.database import create_db_engine, migrate
+    from loraplex.router.tenancy_store import TenancyStore
+
+    url = args.database_url or ServeSettings().resolved_database_url()
+    engine = create_db_engine(url)
+    migrate(engine)
+    return TenancyStore(engine)
+
+
+def _run(action: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    """Store errors become `error: <field>: <message>` and exit status 2."""
+
+    def run(args: argparse.Namespace) -> int:
+        from loraplex.router.tenancy_store import TenancyError
+
+        try:
+            return action(args)
+        except TenancyError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+
+    return run
+
+
+def _when(epoch: float | None) -> str:
+    if epoch is None:
+        return "-"
+    return datetime.fromtimestamp(epoch, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _table(rows: list[list[str]], header: list[str]) -> None:
+    widths = [max(len(str(c)) for c in column) for column in zip(header, *rows, strict=False)]
+    for row in [header, *rows]:
+        print("  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=False)).rstrip())
+
+
+def _print(args: argparse.Namespace, data: list[dict], header: list[str]) -> None:
+    if args.json:
+        print(json.dumps(data, indent=2))
+    else:
+        _table([[("-" if d[h] is None else d[h]) for h in header] for d in data], header)
+
+
+@_run
+def cmd_tenants_create(args: argparse.Namespace) -> int:
+    tenant = _store(args).create_tenant(args.name)
+    print(f"created tenant {tenant.name}", file=sys.stderr)
+    return 0
+
+
+@_run
+def cmd_tenants_list(args: argparse.Namespace) -> int:
+    rows = [
+        {"name": t.name, "created": _when(t.created_at), "active_keys": t.active_keys}
+        for t in _store(args).list_tenants()
+    ]
+    _print(args, rows, ["name", "created", "active_keys"])
+    return 0
+
+
+@_run
+def cmd_tenants_delete(args: argparse.Namespace) -> int:
+    _store(args).delete_tenant(args.name)
+    print(f"deleted tenant {args.name} with its keys and quotas", file=sys.stderr)
+    return 0
+
+
+@_run
+def cmd_keys_create(args: argparse.Namespace) -> int:
+    from loraplex.router.tenancy_store import TenancyError, parse_expiry
+
+    if (args.tenant is None) != args.admin:
+        raise TenancyError("tenant", "give either --tenant NAME or --admin")
+    expires_at = parse_expiry(args.expires, time.time()) if args.expires else None
+    raw, info = _store(args).create_key(args.tenant, expires_at, args.description)
+    owner = f"tenant {info.tenant}" if info.tenant else "admin"
+    print(
+        f"created key {info.prefix}… for {owner}, expires {_when(info.expires_at)}. "
+        "It is shown only now: store it.",
+        file=sys.stderr,
+    )
+    print(raw)
+    return 0
+
+
+@_run
+def cmd_keys_list(args: argparse.Namespace) -> int:
+    now = time.time()
+    rows = [
+        {
+            "prefix": k.prefix,
+            "tenant": k.tenant or "(admin)",
+            "status": k.status(now),
+            "created": _when(k.created_at),
+            "expires": _when(k.expires_at),
+            "revoked": _when(k.revoked_at),
+            "description": k.description,
+        }
+        for k in _store(args).list_keys(args.tenant)
+    ]
+    _print(args, rows, ["prefix", "tenant", "status", "created", "expires", "revoked"])
+    return 0
+
+
+@_run
+def cmd_keys_revoke(args: argparse.Namespace) -> int:
+    info = _store(args).revoke_key(args.prefix)
+    print(f"revoked key {info.prefix}… at {_when(info.revoked_at)}", file=sys.stderr)
+    return 0
+
+
+@_run
+def cmd_quotas_set(args: argparse.Namespace) -> int:
+    quota = _store(args).set_quota(
+        args.tenant, args.adapter or "",
+        requests_per_minute=args.requests_per_minute,
+        tokens_per_minute=args.tokens_per_minute, max_concurrent=args.max_concurrent,
+    )  # fmt: skip
+    scope = f"adapter {quota.adapter} for " if quota.adapter else ""
+    print(f"quota set for {scope}tenant {quota.tenant}", file=sys.stderr)
+    return 0
+
+
+@_run
+def cmd_quotas_list(args: argparse.Namespace) -> int:
+    rows = [
+        {
+            "tenant": q.tenant,
+            "adapter": q.adapter or "(all)",
+            "requests_per_minute": q.requests_per_minute,
+            "tokens_per_minute": q.tokens_per_minute,
+            "max_concurrent": q.max_concurrent,
+        }
+        for q in _store(args).list_quotas(args.tenant)
+    ]
+    header = ["tenant", "adapter", "requests_per_minute", "tokens_per_minute", "max_concurrent"]
+    _print(args, rows, header)
+    return 0
+
+
+@_run
+def cmd_quotas_delete(args: argparse.Namespace) -> int:
+    _store(args).delete_quota(args.tenant, args.adapter or "")
+    print(f"deleted quota of tenant {args.tenant}", file=sys.stderr)
+    return 0
+
+
+def _common(parser: argparse.ArgumentParser, listing: bool = False) -> None:
+    parser.add_argument(
+        "--database-url", default=None,
+        help="SQLAlchemy URL of the loraplex database [env LORAPLEX_DATABASE_URL; default: "
+        "SQLite file in ~/.cache/loraplex]",
+    )  # fmt: skip
+    if listing:
+        parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be at least 1")
+    return value
+
+
+def add_tenancy_commands(commands: typing.Any) -> None:
+    """Add `tenants`, `keys` and `quotas` to the `loraplex` subcommands."""
+    tenants = commands.add_parser("tenants", help="manage tenants").add_subparsers(
+        dest="tenants_command", required=True
+    )
+    create = tenants.add_parser(
+        "create", help="create a tenant",
+        description="A tenant calls the base model, public/* and its own <tenant>/* adapters. "
+        "Once any tenant exists, every API call needs a key.",
+    )  # fmt: skip
+    create.add_argument("name", help="tenant name, also the first part of its adapter names")
+    _common(create)
+    create.set_defaults(func=cmd_tenants_create)
+    listing = tenants.add_parser("list", help="list tenants")
+    _common(listing, listing=True)
+    listing.set_defaults(func=cmd_tenants_list)
+    delete = tenants.add_parser("delete", help="delete a tenant with its keys and quotas")
+    delete.add_argument("name")
+    _common(delete)
+    delete.set_defaults(func=cmd_tenants_delete)
+
+    keys = commands.add_parser("keys", help="manage API keys").add_subparsers(
+        dest="keys_command", required=True
+    )
+    create = keys.add_parser(
+        "create", help="create an API key (printed once on stdout)",
+        description="Prints the new key on stdout, once; only its hash is stored.",
+    )  # fmt: skip
+    create.add_argument("--tenant", default=None, help="the tenant the key belongs to")
+    create.add_argument("--admin", action="store_true", help="an admin key instead")
+    create.add_argument(
+        "--expires", default=None,
+        help="expiry: a duration from now (30d, 12h, 15m, 90s, 2w) or an ISO 8601 time",
+    )  # fmt: skip
+    create.add_argument("--description", default="", help="free text shown by keys list")
+    _common(create)
+    create.set_defaults(func=cmd_keys_create)
+    listing = keys.add_parser("list", help="list keys (public prefix only)")
+    listing.add_argument("--tenant", default=None, help="only this tenant's keys")
+    _common(listing, listing=True)
+    listing.set_defaults(func=cmd_keys_list)
+    revoke = keys.add_parser("revoke", help="revoke a key (effective on the next request)")
+    revoke.add_argument("prefix", help="the key's prefix as shown by keys list (lpx_…)")
+    _common(revoke)
+    revoke.set_defaults(func=cmd_keys_revoke)
+
+    quotas = commands.add_parser("quotas", help="manage per-tenant quotas").add_subparsers(
+        dest="quotas_command", required=True
+    )
+    qset = quotas.add_parser(
+        "set", help="set a tenant's (or one adapter's) limits",
+        description="Replaces the limits of the tenant, or of one adapter for that tenant "
+        "with --adapter. Limits left out are unlimited. Over a limit the API answers 429 "
+        "with Retry-After.",
+    )  # fmt: skip
+    qset.add_argument("--tenant", required=True)
+    qset.add_argument("--adapter", default=None, help="limit only this model name")
+    qset.add_argument("--requests-per-minute", type=_positive_int, default=None)
+    qset.add_argument("--tokens-per-minute", type=_positive_int, default=None)
+    qset.add_argument("--max-concurrent", type=_positive_int, default=None)
+    _common(qset)
+    qset.set_defaults(func=cmd_quotas_set)
+    listing = quotas.add_parser("list", help="list quotas")
+    listing.add_argument("--tenant", default=None)
+    _common(listing, listing=True)
+    listing.set_defaults(func=cmd_quotas_list)
+    delete = quotas.add_parser("delete", help="remove a tenant's (or one adapter's) limits")
+    delete.add_argument("--tenant", required=True)
+    delete.add_argument("--adapter", default=None)
+    _common(delete)
+    delete.set_defaults(func=cmd_quotas_delete)

@@ -1,0 +1,179 @@
+"""Admin HTTP endpoints: tenants, API keys and quotas (admin keys only).
+
+The same operations as `loraplex tenants|keys|quotas`; a tenant key gets 403, no key 401.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from starlette.concurrency import run_in_threadpool
+
+from loraplex.router.auth import Principal
+from loraplex.router.errors import APIError
+from loraplex.router.tenancy_store import (
+    AlreadyExists,
+    KeyInfo,
+    NotFound,
+    Quota,
+    TenancyError,
+    TenancyStore,
+    Tenant,
+    parse_expiry,
+)
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class TenantCreate(_Body):
+    name: str = Field(min_length=1)
+
+
+class KeyCreate(_Body):
+    tenant: str | None = None
+    """The tenant the key belongs to; omit (with admin=true) for an admin key."""
+    admin: bool = False
+    expires: str | None = None
+    """Duration from now (`30d`, `12h`) or an ISO 8601 time."""
+    description: str = ""
+
+
+class QuotaSet(_Body):
+    tenant: str = Field(min_length=1)
+    adapter: str = ""
+    requests_per_minute: int | None = None
+    tokens_per_minute: int | None = None
+    max_concurrent: int | None = None
+
+
+def require_admin(request: Request) -> Principal:
+    principal: Principal | None = getattr(request.state, "principal", None)
+    if principal is None or principal.role == "anonymous":
+        raise APIError(401, "Admin endpoints need an admin API key.", code="invalid_api_key")
+    if principal.role != "admin":
+        raise APIError(403, "This API key may not use admin endpoints.", code="admin_required")
+    return principal
+
+
+async def _parse(request: Request, schema: type[_Body]) -> Any:
+    try:
+        return schema.model_validate(json.loads(await request.body()))
+    except (ValueError, UnicodeDecodeError) as exc:
+        if isinstance(exc, ValidationError):
+            first = exc.errors()[0]
+            field = ".".join(str(part) for part in first["loc"]) or None
+            raise APIError(400, f"Invalid field '{field}': {first['msg']}", param=field) from None
+        raise APIError(400, f"Request body is not valid JSON: {exc}") from None
+
+
+async def _call(function: Any, *args: Any, **kwargs: Any) -> Any:
+    """Run a blocking store call; store errors become API errors naming the field."""
+    try:
+        return await run_in_threadpool(function, *args, **kwargs)
+    except NotFound as exc:
+        raise APIError(404, str(exc), param=exc.field, code="not_found") from None
+    except AlreadyExists as exc:
+        raise APIError(409, str(exc), param=exc.field, code="already_exists") from None
+    except TenancyError as exc:
+        raise APIError(400, str(exc), param=exc.field) from None
+
+
+def tenant_json(tenant: Tenant) -> dict:
+    return {"name": tenant.name, "created_at": tenant.created_at, "active_keys": tenant.active_keys}
+
+
+def key_json(key: KeyInfo, now: float) -> dict:
+    return {
+        "prefix": key.prefix,
+        "tenant": key.tenant,
+        "admin": key.tenant is None,
+        "description": key.description,
+        "created_at": key.created_at,
+        "expires_at": key.expires_at,
+        "revoked_at": key.revoked_at,
+        "status": key.status(now),
+    }
+
+
+def quota_json(quota: Quota) -> dict:
+    return {
+        "tenant": quota.tenant,
+        "adapter": quota.adapter,
+        "requests_per_minute": quota.requests_per_minute,
+        "tokens_per_minute": quota.tokens_per_minute,
+        "max_concurrent": quota.max_concurrent,
+    }
+
+
+def admin_router(store: TenancyStore) -> APIRouter:
+    router = APIRouter(prefix="/admin", dependencies=[Depends(require_admin)])
+
+    @router.get("/tenants")
+    async def list_tenants() -> dict:
+        return {"data": [tenant_json(t) for t in await _call(store.list_tenants)]}
+
+    @router.post("/tenants", status_code=201)
+    async def create_tenant(request: Request) -> dict:
+        body: TenantCreate = await _parse(request, TenantCreate)
+        return tenant_json(await _call(store.create_tenant, body.name))
+
+    @router.delete("/tenants/{name}")
+    async def delete_tenant(name: str) -> dict:
+        await _call(store.delete_tenant, name)
+        return {"deleted": name}
+
+    @router.get("/keys")
+    async def list_keys(tenant: str | None = None) -> dict:
+        keys = await _call(store.list_keys, tenant)
+        now = store.clock()
+        return {"data": [key_json(k, now) for k in keys]}
+
+    @router.post("/keys", status_code=201)
+    async def create_key(request: Request) -> JSONResponse:
+        body: KeyCreate = await _parse(request, KeyCreate)
+        if (body.tenant is None) != body.admin:
+            raise APIError(400, "Give either 'tenant' or 'admin': true.", param="tenant")
+        try:
+            expires_at = parse_expiry(body.expires, store.clock()) if body.expires else None
+        except TenancyError as exc:
+            raise APIError(400, str(exc), param=exc.field) from None
+        raw, info = await _call(store.create_key, body.tenant, expires_at, body.description)
+        # The only time the key is ever shown; never cache this response.
+        return JSONResponse(
+            {"key": raw, **key_json(info, store.clock())}, 201,
+            headers={"Cache-Control": "no-store"},
+        )  # fmt: skip
+
+    @router.delete("/keys/{prefix}")
+    async def revoke_key(prefix: str) -> dict:
+        info = await _call(store.revoke_key, prefix)
+        return key_json(info, store.clock())
+
+    @router.get("/quotas")
+    async def list_quotas(tenant: str | None = None) -> dict:
+        return {"data": [quota_json(q) for q in await _call(store.list_quotas, tenant)]}
+
+    @router.put("/quotas")
+    async def set_quota(request: Request) -> dict:
+        body: QuotaSet = await _parse(request, QuotaSet)
+        quota = await _call(
+            store.set_quota, body.tenant, body.adapter,
+            requests_per_minute=body.requests_per_minute,
+            tokens_per_minute=body.tokens_per_minute, max_concurrent=body.max_concurrent,
+        )  # fmt: skip
+        return quota_json(quota)
+
+    @router.delete("/quotas")
+    async def delete_quota(tenant: str | None = None, adapter: str = "") -> dict:
+        if not tenant:
+            raise APIError(400, "Query parameter 'tenant' is required.", param="tenant")
+        await _call(store.delete_quota, tenant, adapter)
+        return {"deleted": {"tenant": tenant, "adapter": adapter}}
+
+    return router

@@ -1,0 +1,142 @@
+"""Who is calling (`Authorization: Bearer <key>`) and which models they may use.
+
+- Admin: the `admin_key` setting or an admin key from the database; sees and calls every
+  model and manages tenants, keys and quotas.
+- Tenant: a tenant's key; sees and calls the base model, `public/*` and its own
+  `<tenant>/*` adapters. Anything else answers 404 exactly like a missing model.
+- Anonymous: nobody configured any tenant or admin key (the safe default, loopback only
+  unless `allow_open_access`): every model, no admin endpoints.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import ipaddress
+import logging
+from dataclasses import dataclass
+from typing import Literal
+
+from loraplex.router.errors import APIError
+from loraplex.router.tenancy_store import KeyRejected, TenancyStore
+
+log = logging.getLogger(__name__)
+
+SHARED_OWNER = "public"
+
+
+@dataclass(frozen=True)
+class Principal:
+    role: Literal["admin", "tenant", "anonymous"]
+    tenant: str | None = None
+    tenant_id: int | None = None
+    key_prefix: str | None = None
+    """The key's public prefix (safe to log), None for the admin_key setting and anonymous."""
+
+    @property
+    def label(self) -> str:
+        """The `tenant` value in metrics and logs."""
+        return self.tenant if self.role == "tenant" and self.tenant else self.role
+
+
+ANONYMOUS = Principal("anonymous")
+
+
+def adapter_owner(model: str) -> str | None:
+    """The tenant part of `tenant/name[:version|@alias]`; None for a bare name."""
+    return model.split("/", 1)[0] if "/" in model else None
+
+
+def may_use(principal: Principal, model: str, base_model_name: str) -> bool:
+    if principal.role != "tenant":
+        return True
+    if model == base_model_name:
+        return True
+    return adapter_owner(model) in (SHARED_OWNER, principal.tenant)
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def unauthorized(message: str) -> APIError:
+    return APIError(401, message, code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+
+
+class Authenticator:
+    def __init__(self, store: TenancyStore, admin_key: str, open_allowed: bool) -> None:
+        self.store = store
+        # Compared by digest so the comparison time says nothing about the key.
+        self._admin_digest = hashlib.sha256(admin_key.encode()).digest() if admin_key else None
+        self.open_allowed = open_allowed
+
+    def keys_required(self) -> bool:
+        return self._admin_digest is not None or self.store.keys_required()
+
+    def authenticate(self, authorization: str | None) -> Principal:
+        """The caller behind an Authorization header, or a 401 APIError.
+
+        Blocking (database); call it from a worker thread.
+        """
+        key = _bearer_token(authorization)
+        if key and self._admin_digest is not None:
+            digest = hashlib.sha256(key.encode()).digest()
+            if hmac.compare_digest(digest, self._admin_digest):
+                return Principal("admin")
+        rejection: str | None = None
+        if key:
+            try:
+                owner = self.store.authenticate(key)
+            except KeyRejected as exc:
+                rejection = str(exc)
+            else:
+                role: Literal["admin", "tenant"] = "admin" if owner.tenant_id is None else "tenant"
+                return Principal(role, owner.tenant, owner.tenant_id, owner.prefix)
+        if not self.keys_required():
+            if self.open_allowed:
+                # Clients must send some key (the openai SDK insists); in open mode it is ignored.
+                return ANONYMOUS
+            raise unauthorized("No API keys are configured and open access is not allowed.")
+        if rejection:
+            raise unauthorized(rejection)
+        if authorization:
+            raise unauthorized("Malformed Authorization header: expected 'Bearer <key>'.")
+        raise unauthorized("Missing API key: send 'Authorization: Bearer <key>'.")
+
+
+def _bearer_token(authorization: str | None) -> str | None:
+    if not authorization:
+        return None
+    scheme, _, token = authorization.partition(" ")
+    token = token.strip()
+    return token if scheme.lower() == "bearer" and token else None
+
+
+def check_startup_access(host: str, allow_open_access: bool, keys_required: bool) -> None:
+    """Refuse to serve without keys on a non-loopback address unless explicitly allowed."""
+    if keys_required:
+        log.info("API keys required (tenants or admin keys are configured)")
+        return
+    if is_loopback(host):
+        log.warning(
+            "no tenants or admin keys configured: serving WITHOUT API keys on loopback",
+            extra={"host": host},
+        )
+        return
+    if allow_open_access:
+        log.warning(
+            "no tenants or admin keys configured: serving WITHOUT API keys on a non-loopback "
+            "address because allow_open_access is set",
+            extra={"host": host},
+        )
+        return
+    raise RuntimeError(
+        f"refusing to serve without API keys on {host}: create a tenant and key "
+        "(`loraplex tenants create NAME`, `loraplex keys create --tenant NAME`), set "
+        "LORAPLEX_ADMIN_KEY, bind to 127.0.0.1, or set LORAPLEX_ALLOW_OPEN_ACCESS=true"
+    )

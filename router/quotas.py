@@ -1,0 +1,142 @@
+"""Per-tenant (and per-adapter) quotas whose state lives in the database, so every router
+worker and replica sharing the database enforces one limit together.
+
+- Requests and tokens per minute are token buckets (GCRA): a tenant may burst up to the
+  per-minute limit, and capacity refills continuously at that rate. A bucket is one
+  number per quota row (its "theoretical arrival time"), so no per-request rows pile up.
+- Tokens are known only when a response ends, so they are charged then: the request that
+  crosses the limit completes, and later ones get 429 until the debt has refilled.
+- Concurrent requests are leases (one row per running request), released when the
+  response ends; a lease of a worker that died lapses after `lease_s`.
+
+Each admission locks the tenant's quota rows first (an UPDATE: a row lock on PostgreSQL,
+the write lock on SQLite), so two workers never both take the last unit.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import sqlalchemy as sa
+from sqlalchemy import Engine
+
+from loraplex.router.tenancy_store import quota_leases, quotas
+
+PERIOD_S = 60.0
+
+
+class QuotaExceeded(Exception):
+    def __init__(self, limit: str, retry_after_s: float, message: str) -> None:
+        super().__init__(message)
+        self.limit = limit
+        """The limit that was hit: requests_per_minute, tokens_per_minute or max_concurrent."""
+        self.retry_after_s = max(1, math.ceil(retry_after_s))
+
+
+@dataclass
+class Admission:
+    """What one admitted request holds until `QuotaLedger.settle`."""
+
+    token_quota_ids: list[int] = field(default_factory=list)
+    lease_ids: list[int] = field(default_factory=list)
+
+
+def quota_adapter_name(model: str) -> str:
+    """The adapter a per-adapter quota names: `model` without `:version` or `@alias`."""
+    return model.split("@", 1)[0].split(":", 1)[0]
+
+
+class QuotaLedger:
+    def __init__(
+        self, engine: Engine, lease_s: float, clock: Callable[[], float] = time.time
+    ) -> None:
+        self.engine = engine
+        self.lease_s = lease_s
+        self.clock = clock
+
+    def admit(self, tenant_id: int, model: str) -> Admission | None:
+        """Take one request from every quota that applies, or raise QuotaExceeded.
+
+        None when no quota applies (no write to the database at all).
+        """
+        applies = (quotas.c.tenant_id == tenant_id) & quotas.c.adapter.in_(
+            ["", quota_adapter_name(model)]
+        )
+        with self.engine.connect() as conn:
+            if conn.execute(sa.select(quotas.c.id).where(applies).limit(1)).first() is None:
+                return None
+        with self.engine.begin() as conn:
+            # Lock first (see module docstring), then read the state the lock protects.
+            conn.execute(quotas.update().where(applies).values(request_tat=quotas.c.request_tat))
+            rows = conn.execute(sa.select(quotas).where(applies).order_by(quotas.c.id)).all()
+            now = self.clock()
+            ids = [row.id for row in rows]
+            conn.execute(
+                quota_leases.delete().where(
+                    quota_leases.c.quota_id.in_(ids), quota_leases.c.expires_at <= now
+                )
+            )
+            new_request_tats: dict[int, float] = {}
+            for row in rows:
+                scope = f" for {row.adapter}" if row.adapter else ""
+                if row.tokens_per_minute and row.token_tat >= now + PERIOD_S:
+                    raise QuotaExceeded(
+                        "tokens_per_minute", row.token_tat - PERIOD_S - now,
+                        f"Rate limit reached: {row.tokens_per_minute} tokens per minute"
+                        f"{scope}.",
+                    )  # fmt: skip
+                if row.max_concurrent:
+                    running = conn.execute(
+                        sa.select(sa.func.count()).where(quota_leases.c.quota_id == row.id)
+                    ).scalar_one()
+                    if running >= row.max_concurrent:
+                        raise QuotaExceeded(
+                            "max_concurrent", 1,
+                            f"Concurrency limit reached: {row.max_concurrent} requests at "
+                            f"once{scope}.",
+                        )  # fmt: skip
+                if row.requests_per_minute:
+                    new_tat = max(row.request_tat, now) + PERIOD_S / row.requests_per_minute
+                    if new_tat - PERIOD_S > now:
+                        raise QuotaExceeded(
+                            "requests_per_minute", new_tat - PERIOD_S - now,
+                            f"Rate limit reached: {row.requests_per_minute} requests per "
+                            f"minute{scope}.",
+                        )  # fmt: skip
+                    new_request_tats[row.id] = new_tat
+            for quota_id, tat in new_request_tats.items():
+                conn.execute(quotas.update().where(quotas.c.id == quota_id).values(request_tat=tat))
+            admission = Admission([row.id for row in rows if row.tokens_per_minute])
+            token = uuid.uuid4().hex
+            for row in rows:
+                if row.max_concurrent:
+                    result = conn.execute(
+                        quota_leases.insert().values(
+                            quota_id=row.id, request_id=token, expires_at=now + self.lease_s
+                        )
+                    )
+                    admission.lease_ids.append(int(result.inserted_primary_key[0]))
+            return admission
+
+    def settle(self, admission: Admission, tokens: int) -> None:
+        """Charge the tokens a request used and release its concurrency leases."""
+        if not admission.lease_ids and not (tokens and admission.token_quota_ids):
+            return
+        with self.engine.begin() as conn:
+            if tokens and admission.token_quota_ids:
+                now = self.clock()
+                # One statement per row: atomic without a separate lock.
+                start = sa.case((quotas.c.token_tat > now, quotas.c.token_tat), else_=now)
+                conn.execute(
+                    quotas.update()
+                    .where(quotas.c.id.in_(admission.token_quota_ids))
+                    .values(token_tat=start + (tokens * PERIOD_S) / quotas.c.tokens_per_minute)
+                )
+            if admission.lease_ids:
+                conn.execute(
+                    quota_leases.delete().where(quota_leases.c.id.in_(admission.lease_ids))
+                )

@@ -1,0 +1,83 @@
+"""Tenancy wired into the router: the database, the key check at start-up, the API guard
+middleware and the admin endpoints. `create_app` calls `Tenancy.from_settings` and
+`install`; everything tenant-specific stays behind this one object."""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI, Request
+from sqlalchemy.exc import SQLAlchemyError
+from starlette.concurrency import run_in_threadpool
+
+from loraplex.database import create_db_engine, migrate
+from loraplex.router.admin_api import admin_router
+from loraplex.router.api_guard import APIGuard
+from loraplex.router.auth import ANONYMOUS, Authenticator, check_startup_access, is_loopback
+from loraplex.router.auth import may_use as _may_use
+from loraplex.router.quotas import QuotaLedger
+from loraplex.router.request_metrics import RequestMetrics
+from loraplex.router.tenancy_store import TenancyStore
+from loraplex.settings import ServeSettings
+
+log = logging.getLogger(__name__)
+
+# A lease outlives the longest request the backend may take, then lapses.
+_LEASE_MARGIN_S = 60.0
+
+
+class Tenancy:
+    def __init__(self, store: TenancyStore, settings: ServeSettings) -> None:
+        self.store = store
+        self.base_model_name = settings.base_model_name
+        self.authenticator = Authenticator(
+            store,
+            settings.admin_key.get_secret_value(),
+            open_allowed=is_loopback(settings.host) or settings.allow_open_access,
+        )
+        self.ledger = QuotaLedger(store.engine, settings.backend_timeout_s + _LEASE_MARGIN_S)
+        self.metrics = RequestMetrics(settings.metrics_max_label_values, settings.base_model_name)
+
+    @classmethod
+    def from_settings(cls, settings: ServeSettings) -> Tenancy:
+        """Open (and migrate) the database; refuse open access on a public address."""
+        engine = create_db_engine(settings.resolved_database_url())
+        migrate(engine)
+        tenancy = cls(TenancyStore(engine), settings)
+        check_startup_access(
+            settings.host, settings.allow_open_access, tenancy.authenticator.keys_required()
+        )
+        return tenancy
+
+    def install(self, app: FastAPI) -> None:
+        """Add the guard middleware (call before the request-log middleware, which must stay
+        outermost so rejections are logged with their request id) and the admin routes."""
+        app.add_middleware(
+            APIGuard, authenticator=self.authenticator, ledger=self.ledger,
+            metrics=self.metrics, base_model_name=self.base_model_name,
+        )  # fmt: skip
+        app.include_router(admin_router(self.store))
+
+    def visible(self, request: Request, cards: list[dict]) -> list[dict]:
+        """The model cards (`id` = model name) the caller may see and call."""
+        principal = getattr(request.state, "principal", ANONYMOUS)
+        return [c for c in cards if _may_use(principal, c["id"], self.base_model_name)]
+
+    async def database_reachable(self) -> bool:
+        try:
+            await run_in_threadpool(self.store.ping)
+        except SQLAlchemyError as exc:
+            log.warning("tenancy database unreachable: %r", exc)
+            return False
+        return True
+
+    def close(self) -> None:
+        self.store.engine.dispose()
+
+
+def check_serve_access(settings: ServeSettings) -> None:
+    """The start-up key check alone, for `loraplex serve` to run before starting vLLM.
+
+    Raises RuntimeError when the router would serve without keys on a public address.
+    """
+    Tenancy.from_settings(settings).close()

@@ -1,0 +1,406 @@
+"""Tenants, API keys and quota settings in the loraplex database (Alembic branch `tenancy`).
+
+Keys are 256-bit random tokens stored only as their SHA-256: a fast hash is safe for
+random secrets (there is no dictionary to try) and lets a request find its key with one
+indexed lookup, where a slow password hash would have to be tried against every key.
+The first 12 characters (`lpx_` + 8) are kept in clear as the key's public name, the
+only part `keys list` shows. Every request reads the key row, so a revocation or
+expiry takes effect on the next request of every router worker, without a restart.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import secrets
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timezone
+
+import sqlalchemy as sa
+from sqlalchemy import Engine
+
+from loraplex.adapters.names import InvalidAdapterName, parse_adapter_name
+
+KEY_PREFIX = "lpx_"
+_PREFIX_LENGTH = len(KEY_PREFIX) + 8
+# Names with a meaning of their own: shared adapters, and the metric labels of callers
+# that are not a tenant.
+RESERVED_TENANT_NAMES = frozenset({"public", "admin", "anonymous", "none", "other", "unknown"})
+
+metadata = sa.MetaData()
+tenants = sa.Table(
+    "tenants", metadata,
+    sa.Column("id", sa.Integer, primary_key=True),
+    sa.Column("name", sa.String(64), nullable=False, unique=True),
+    sa.Column("created_at", sa.Float, nullable=False),
+)  # fmt: skip
+api_keys = sa.Table(
+    "api_keys", metadata,
+    sa.Column("id", sa.Integer, primary_key=True),
+    sa.Column("key_hash", sa.String(64), nullable=False, unique=True),
+    sa.Column("prefix", sa.String(32), nullable=False, unique=True),
+    sa.Column("tenant_id", sa.Integer, sa.ForeignKey("tenants.id", ondelete="CASCADE")),
+    sa.Column("description", sa.String(200), nullable=False),
+    sa.Column("created_at", sa.Float, nullable=False),
+    sa.Column("expires_at", sa.Float),
+    sa.Column("revoked_at", sa.Float),
+)  # fmt: skip
+quotas = sa.Table(
+    "quotas", metadata,
+    sa.Column("id", sa.Integer, primary_key=True),
+    sa.Column("tenant_id", sa.Integer, sa.ForeignKey("tenants.id", ondelete="CASCADE")),
+    sa.Column("adapter", sa.String(200), nullable=False),
+    sa.Column("requests_per_minute", sa.Integer),
+    sa.Column("tokens_per_minute", sa.Integer),
+    sa.Column("max_concurrent", sa.Integer),
+    sa.Column("request_tat", sa.Float, nullable=False),
+    sa.Column("token_tat", sa.Float, nullable=False),
+)  # fmt: skip
+quota_leases = sa.Table(
+    "quota_leases", metadata,
+    sa.Column("id", sa.Integer, primary_key=True),
+    sa.Column("quota_id", sa.Integer, sa.ForeignKey("quotas.id", ondelete="CASCADE")),
+    sa.Column("request_id", sa.String(128), nullable=False),
+    sa.Column("expires_at", sa.Float, nullable=False),
+)  # fmt: skip
+
+
+class TenancyError(ValueError):
+    """A bad value for a field; `field` names it (CLI message, API `param`)."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+        self.message = message
+
+
+class NotFound(TenancyError):
+    """The named tenant, key or quota does not exist."""
+
+
+class AlreadyExists(TenancyError):
+    """A tenant (or key prefix) with that name exists already."""
+
+
+class KeyRejected(Exception):
+    """The presented key is unknown, revoked or expired; the message says which."""
+
+
+@dataclass(frozen=True)
+class Tenant:
+    name: str
+    created_at: float
+    active_keys: int
+
+
+@dataclass(frozen=True)
+class KeyInfo:
+    prefix: str
+    tenant: str | None
+    """None for an admin key."""
+    description: str
+    created_at: float
+    expires_at: float | None
+    revoked_at: float | None
+
+    def status(self, now: float) -> str:
+        if self.revoked_at is not None:
+            return "revoked"
+        if self.expires_at is not None and self.expires_at <= now:
+            return "expired"
+        return "active"
+
+
+@dataclass(frozen=True)
+class KeyOwner:
+    """Who a valid key belongs to."""
+
+    prefix: str
+    tenant: str | None
+    tenant_id: int | None
+
+
+@dataclass(frozen=True)
+class Quota:
+    tenant: str
+    adapter: str
+    """"" = all requests of the tenant; otherwise one adapter name."""
+    requests_per_minute: int | None
+    tokens_per_minute: int | None
+    max_concurrent: int | None
+
+
+def hash_key(raw_key: str) -> str:
+    return hashlib.sha256(raw_key.encode()).hexdigest()
+
+
+def validate_tenant_name(name: str) -> str:
+    try:
+        parsed = parse_adapter_name(name)
+    except InvalidAdapterName as exc:
+        raise TenancyError("tenant", str(exc).replace("model name", "tenant name")) from None
+    if parsed.tenant is not None:
+        raise TenancyError("tenant", "a tenant name cannot contain '/'")
+    if name.lower() in RESERVED_TENANT_NAMES:
+        raise TenancyError("tenant", f"'{name}' is reserved")
+    return name
+
+
+_DURATION = re.compile(r"(\d+)\s*([smhdw])")
+_UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+def parse_expiry(text: str, now: float) -> float:
+    """`30d`, `12h`, `15m`, `90s`, `2w` from now, or an ISO 8601 date/time (UTC if no zone)."""
+    text = text.strip()
+    match = _DURATION.fullmatch(text)
+    if match:
+        seconds = int(match.group(1)) * _UNIT_S[match.group(2)]
+        if seconds <= 0:
+            raise TenancyError("expires", "the duration must be positive")
+        return now + seconds
+    try:
+        moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise TenancyError(
+            "expires", f"{text!r} is neither a duration (30d, 12h, 15m, 90s) nor an ISO 8601 time"
+        ) from None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=timezone.utc)
+    expires_at = moment.timestamp()
+    if expires_at <= now:
+        raise TenancyError("expires", f"{text} is in the past")
+    return expires_at
+
+
+def _positive_or_none(field: str, value: int | None) -> int | None:
+    if value is not None and value < 1:
+        raise TenancyError(field, "must be at least 1 (leave it out for no limit)")
+    return value
+
+
+class TenancyStore:
+    """CRUD for tenants, keys and quotas, and the per-request key lookup."""
+
+    def __init__(self, engine: Engine, clock: Callable[[], float] = time.time) -> None:
+        self.engine = engine
+        self.clock = clock
+
+    # Tenants
+
+    def create_tenant(self, name: str) -> Tenant:
+        validate_tenant_name(name)
+        with self.engine.begin() as conn:
+            if conn.execute(sa.select(tenants.c.id).where(tenants.c.name == name)).first():
+                raise AlreadyExists("tenant", f"tenant '{name}' already exists")
+            now = self.clock()
+            conn.execute(tenants.insert().values(name=name, created_at=now))
+        return Tenant(name, now, 0)
+
+    def list_tenants(self) -> list[Tenant]:
+        now = self.clock()
+        active = (
+            sa.select(sa.func.count())
+            .where(
+                api_keys.c.tenant_id == tenants.c.id,
+                api_keys.c.revoked_at.is_(None),
+                sa.or_(api_keys.c.expires_at.is_(None), api_keys.c.expires_at > now),
+            )
+            .scalar_subquery()
+        )
+        query = sa.select(tenants.c.name, tenants.c.created_at, active).order_by(tenants.c.name)
+        with self.engine.connect() as conn:
+            return [Tenant(*row) for row in conn.execute(query)]
+
+    def delete_tenant(self, name: str) -> None:
+        """Deletes the tenant with its keys and quotas (its adapters stay in the store)."""
+        with self.engine.begin() as conn:
+            tenant_id = self._tenant_id(conn, name)
+            # Explicit deletes rather than ON DELETE CASCADE alone: SQLite enforces foreign
+            # keys only on connections that enabled them.
+            quota_ids = sa.select(quotas.c.id).where(quotas.c.tenant_id == tenant_id)
+            conn.execute(quota_leases.delete().where(quota_leases.c.quota_id.in_(quota_ids)))
+            conn.execute(quotas.delete().where(quotas.c.tenant_id == tenant_id))
+            conn.execute(api_keys.delete().where(api_keys.c.tenant_id == tenant_id))
+            conn.execute(tenants.delete().where(tenants.c.id == tenant_id))
+
+    def _tenant_id(self, conn: sa.Connection, name: str) -> int:
+        tenant_id = conn.execute(sa.select(tenants.c.id).where(tenants.c.name == name)).scalar()
+        if tenant_id is None:
+            raise NotFound("tenant", f"no tenant named '{name}'")
+        return int(tenant_id)
+
+    # Keys
+
+    def create_key(
+        self, tenant: str | None, expires_at: float | None = None, description: str = ""
+    ) -> tuple[str, KeyInfo]:
+        """A new key for `tenant` (None = admin key). The raw key is returned only here."""
+        if len(description) > 200:
+            raise TenancyError("description", "at most 200 characters")
+        now = self.clock()
+        if expires_at is not None and expires_at <= now:
+            raise TenancyError("expires", "the expiry time is in the past")
+        with self.engine.begin() as conn:
+            tenant_id = self._tenant_id(conn, tenant) if tenant is not None else None
+            while True:
+                raw = KEY_PREFIX + secrets.token_urlsafe(32)
+                prefix = raw[:_PREFIX_LENGTH]
+                taken = sa.select(api_keys.c.id).where(api_keys.c.prefix == prefix)
+                if conn.execute(taken).first() is None:
+                    break
+            conn.execute(
+                api_keys.insert().values(
+                    key_hash=hash_key(raw),
+                    prefix=prefix,
+                    tenant_id=tenant_id,
+                    description=description,
+                    created_at=now,
+                    expires_at=expires_at,
+                )
+            )
+        return raw, KeyInfo(prefix, tenant, description, now, expires_at, None)
+
+    def list_keys(self, tenant: str | None = None) -> list[KeyInfo]:
+        query = (
+            sa.select(
+                api_keys.c.prefix,
+                tenants.c.name,
+                api_keys.c.description,
+                api_keys.c.created_at,
+                api_keys.c.expires_at,
+                api_keys.c.revoked_at,
+            )
+            .select_from(api_keys.outerjoin(tenants, api_keys.c.tenant_id == tenants.c.id))
+            .order_by(api_keys.c.created_at, api_keys.c.id)
+        )
+        with self.engine.connect() as conn:
+            if tenant is not None:
+                query = query.where(api_keys.c.tenant_id == self._tenant_id(conn, tenant))
+            return [KeyInfo(*row) for row in conn.execute(query)]
+
+    def revoke_key(self, prefix: str) -> KeyInfo:
+        with self.engine.begin() as conn:
+            result = conn.execute(
+                api_keys.update()
+                .where(api_keys.c.prefix == prefix, api_keys.c.revoked_at.is_(None))
+                .values(revoked_at=self.clock())
+            )
+            if result.rowcount == 0:
+                exists = sa.select(api_keys.c.id).where(api_keys.c.prefix == prefix)
+                if conn.execute(exists).first() is None:
+                    raise NotFound("prefix", f"no key with prefix '{prefix}'")
+        return next(k for k in self.list_keys() if k.prefix == prefix)
+
+    def authenticate(self, raw_key: str) -> KeyOwner:
+        """The owner of a usable key; KeyRejected says why a key is not usable."""
+        query = (
+            sa.select(
+                api_keys.c.prefix,
+                tenants.c.name,
+                api_keys.c.tenant_id,
+                api_keys.c.expires_at,
+                api_keys.c.revoked_at,
+            )
+            .select_from(api_keys.outerjoin(tenants, api_keys.c.tenant_id == tenants.c.id))
+            .where(api_keys.c.key_hash == hash_key(raw_key))
+        )
+        with self.engine.connect() as conn:
+            row = conn.execute(query).first()
+        if row is None:
+            raise KeyRejected("Invalid API key.")
+        if row.revoked_at is not None:
+            raise KeyRejected(f"API key {row.prefix}… has been revoked.")
+        if row.expires_at is not None and row.expires_at <= self.clock():
+            raise KeyRejected(f"API key {row.prefix}… has expired.")
+        return KeyOwner(row.prefix, row.name, row.tenant_id)
+
+    def keys_required(self) -> bool:
+        """True once any tenant or admin key exists: from then on every call needs a key."""
+        with self.engine.connect() as conn:
+            if conn.execute(sa.select(tenants.c.id).limit(1)).first() is not None:
+                return True
+            admin = sa.select(api_keys.c.id).where(
+                api_keys.c.tenant_id.is_(None), api_keys.c.revoked_at.is_(None)
+            )
+            return conn.execute(admin.limit(1)).first() is not None
+
+    def ping(self) -> None:
+        """Raises if the database cannot be reached."""
+        with self.engine.connect() as conn:
+            conn.execute(sa.select(tenants.c.id).limit(1))
+
+    # Quotas
+
+    def set_quota(
+        self,
+        tenant: str,
+        adapter: str = "",
+        *,
+        requests_per_minute: int | None = None,
+        tokens_per_minute: int | None = None,
+        max_concurrent: int | None = None,
+    ) -> Quota:
+        """Create or replace the limits of a tenant (or of one adapter for that tenant)."""
+        if adapter:
+            try:
+                parse_adapter_name(adapter)
+            except InvalidAdapterName as exc:
+                raise TenancyError("adapter", str(exc)) from None
+        limits = {
+            "requests_per_minute": _positive_or_none("requests_per_minute", requests_per_minute),
+            "tokens_per_minute": _positive_or_none("tokens_per_minute", tokens_per_minute),
+            "max_concurrent": _positive_or_none("max_concurrent", max_concurrent),
+        }
+        if all(value is None for value in limits.values()):
+            raise TenancyError(
+                "requests_per_minute",
+                "give at least one limit (requests_per_minute, tokens_per_minute, max_concurrent)",
+            )
+        with self.engine.begin() as conn:
+            tenant_id = self._tenant_id(conn, tenant)
+            where = (quotas.c.tenant_id == tenant_id, quotas.c.adapter == adapter)
+            if conn.execute(quotas.update().where(*where).values(**limits)).rowcount == 0:
+                conn.execute(
+                    quotas.insert().values(
+                        tenant_id=tenant_id,
+                        adapter=adapter,
+                        request_tat=0.0,
+                        token_tat=0.0,
+                        **limits,
+                    )
+                )
+        return Quota(tenant, adapter, **limits)
+
+    def list_quotas(self, tenant: str | None = None) -> list[Quota]:
+        query = (
+            sa.select(
+                tenants.c.name,
+                quotas.c.adapter,
+                quotas.c.requests_per_minute,
+                quotas.c.tokens_per_minute,
+                quotas.c.max_concurrent,
+            )
+            .select_from(quotas.join(tenants, quotas.c.tenant_id == tenants.c.id))
+            .order_by(tenants.c.name, quotas.c.adapter)
+        )
+        if tenant is not None:
+            query = query.where(tenants.c.name == tenant)
+        with self.engine.connect() as conn:
+            return [Quota(*row) for row in conn.execute(query)]
+
+    def delete_quota(self, tenant: str, adapter: str = "") -> None:
+        with self.engine.begin() as conn:
+            tenant_id = self._tenant_id(conn, tenant)
+            quota_id = conn.execute(
+                sa.select(quotas.c.id).where(
+                    quotas.c.tenant_id == tenant_id, quotas.c.adapter == adapter
+                )
+            ).scalar()
+            if quota_id is None:
+                what = f"adapter '{adapter}' of " if adapter else ""
+                raise NotFound("adapter" if adapter else "tenant", f"no quota for {what}'{tenant}'")
+            conn.execute(quota_leases.delete().where(quota_leases.c.quota_id == quota_id))
+            conn.execute(quotas.delete().where(quotas.c.id == quota_id))
