@@ -105,7 +105,8 @@ class TrainConfig(_Section):
     resume: bool = True
     """Continue from the last checkpoint in output_dir when there is one."""
     early_stopping_patience: int | None = Field(None, ge=1)
-    """Stop after this many held-out loss evaluations without improvement; keep the best."""
+    """Stop after this many held-out loss evaluations without improvement; the adapter keeps
+    the weights of the best evaluation (also when max_steps ends the run first, or it resumed)."""
     max_lora_rank: int = Field(16, ge=1)
     """The serving max_lora_rank the adapter must fit (checked before training)."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
