@@ -60,6 +60,20 @@ class ServeSettings(BaseSettings):
     """Read timeout for one request to the backend."""
     database_url: str = ""
     """SQLAlchemy URL of the catalog/tenancy database; empty = SQLite file in the cache."""
+    registry_store: str = ""
+    """Adapter registry blobs: a folder or s3://bucket/prefix; empty = <cache>/registry."""
+    registry_s3_endpoint_url: str = ""
+    """Endpoint of an S3-compatible store (MinIO, Ceph); empty = AWS. Credentials: AWS_* env."""
+    registry_cache_dir: Path = Field(default_factory=lambda: default_cache_dir() / "registry-cache")
+    """Local disk cache of verified registry versions, the folders vLLM loads from."""
+    registry_cache_gib: float = Field(10.0, gt=0)
+    """Size of the registry cache; least recently used versions are removed beyond it."""
+    registry_max_adapter_mib: int = Field(1024, ge=1)
+    """Largest adapter (all its files) that `adapters publish` accepts, in MiB."""
+    max_backend_adapters: int = Field(64, ge=1)
+    """Adapters registered with vLLM at once; the least recently used is unloaded beyond it."""
+    pinned_adapters: str = ""
+    """Comma-separated adapter names (tenant/name[@alias]) that are never unloaded."""
     admin_key: SecretStr = SecretStr("")
     """Admin API key (manages tenants, keys, quotas; calls every model). Prefer the env var."""
     allow_open_access: bool = False

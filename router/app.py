@@ -18,6 +18,7 @@ from loraplex.router.backend_client import BackendClient, error_detail
 from loraplex.router.errors import APIError, error_body, error_response
 from loraplex.router.metrics import BACKEND_UP
 from loraplex.router.metrics_api import metrics_router
+from loraplex.router.model_rewrite import rename_model, rename_model_stream, request_with_model
 from loraplex.router.protocol import ChatCompletionRequest, CompletionRequest, parse_request
 from loraplex.router.request_log import RequestLogMiddleware
 from loraplex.router.tenancy import Tenancy
@@ -29,7 +30,7 @@ log = logging.getLogger(__name__)
 def create_app(settings: ServeSettings, backend_url: str) -> FastAPI:
     backend = BackendClient(backend_url, timeout_s=settings.backend_timeout_s)
     store = LocalAdapterStore(settings.adapters_dir)
-    loader = AdapterLoader(store, backend, settings.base_model_name)
+    loader = AdapterLoader.from_settings(settings, store, backend)
     started_at = int(time.time())
     tenancy = Tenancy.from_settings(settings)
 
@@ -62,8 +63,10 @@ def create_app(settings: ServeSettings, backend_url: str) -> FastAPI:
         parsed = parse_request(body, schema)
         request.state.model = parsed.model
         adapter = loader.resolve(parsed.model)
+        backend_name = adapter.id if adapter is not None else parsed.model
         if adapter is not None:
             await loader.ensure_registered(adapter)
+            body = request_with_model(body, backend_name, parsed.model)
         stream = bool(parsed.stream)
         response = await backend.send(path, body, stream)
         if response.status_code == 404 and adapter is not None:
@@ -74,7 +77,7 @@ def create_app(settings: ServeSettings, backend_url: str) -> FastAPI:
             response = await backend.send(path, body, stream)
         if stream and response.status_code == 200:
             return StreamingResponse(
-                response.aiter_raw(),
+                rename_model_stream(response.aiter_raw(), backend_name, parsed.model),
                 media_type="text/event-stream",
                 background=BackgroundTask(response.aclose),
             )
@@ -82,6 +85,7 @@ def create_app(settings: ServeSettings, backend_url: str) -> FastAPI:
         await response.aclose()
         if response.status_code >= 400:
             return _backend_error(response.status_code, content)
+        content = rename_model(content, backend_name, parsed.model)
         return Response(content, response.status_code, media_type="application/json")
 
     @app.post("/v1/chat/completions")
@@ -96,6 +100,10 @@ def create_app(settings: ServeSettings, backend_url: str) -> FastAPI:
     async def list_models(request: Request) -> dict:
         base = _model_card(settings.base_model_name, started_at, parent=None)
         cards = [base] + [_adapter_card(a, settings.base_model_name) for a in store.list()]
+        cards += [
+            _model_card(name, created, parent=settings.base_model_name)
+            for name, created in loader.registry_models()
+        ]
         return {"object": "list", "data": tenancy.visible(request, cards)}
 
     @app.get("/health")

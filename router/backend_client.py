@@ -51,6 +51,15 @@ class BackendClient:
             code="adapter_load_failed",
         )  # fmt: skip
 
+    async def unload_adapter(self, name: str) -> None:
+        """Unregister an adapter; one the backend does not know counts as success."""
+        with _mapped_backend_errors():
+            response = await self._client.post("/v1/unload_lora_adapter", json={"lora_name": name})
+        if response.status_code in (200, 404):
+            return
+        message, _ = error_detail(response.content)
+        raise APIError(500, f"Adapter '{name}' could not be unloaded: {message}")
+
     async def send(self, path: str, body: bytes, stream: bool) -> httpx.Response:
         """Forward a request body as is; the caller closes the response when streaming."""
         request = self._client.build_request("POST", path, content=body, headers=_FORWARDED_HEADERS)

@@ -1,0 +1,402 @@
+"""The registry catalog: adapters, their numbered immutable versions, and aliases.
+
+Tables live in loraplex's one database (SQLite by default, any SQLAlchemy URL);
+their schema is the Alembic branch `registry` (loraplex/migrations). A version
+row names its content by digest; the blob itself is in the store. Version
+numbers are never reused, even after a delete, so `:v3` always meant one thing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.exc import IntegrityError
+
+from loraplex.adapters.content import version_id
+from loraplex.adapters.names import AdapterName
+from loraplex.adapters.refs import LATEST, AdapterRef
+
+metadata = sa.MetaData()
+adapters_table = sa.Table(
+    "registry_adapters", metadata,
+    sa.Column("id", sa.Integer, primary_key=True),
+    sa.Column("name", sa.String(129), nullable=False, unique=True),
+    sa.Column("tenant", sa.String(64), nullable=False, index=True),
+    sa.Column("last_number", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("created_at", sa.DateTime, nullable=False),
+)  # fmt: skip
+versions_table = sa.Table(
+    "registry_versions", metadata,
+    sa.Column("id", sa.Integer, primary_key=True),
+    sa.Column("adapter_id", sa.Integer, sa.ForeignKey("registry_adapters.id"), nullable=False),
+    sa.Column("number", sa.Integer, nullable=False),
+    sa.Column("digest", sa.String(64), nullable=False),
+    sa.Column("size_bytes", sa.BigInteger, nullable=False),
+    sa.Column("manifest", sa.JSON, nullable=True),
+    sa.Column("created_at", sa.DateTime, nullable=False),
+    sa.Column("published_at", sa.DateTime, nullable=False),
+)  # fmt: skip
+aliases_table = sa.Table(
+    "registry_aliases", metadata,
+    sa.Column("adapter_id", sa.Integer, sa.ForeignKey("registry_adapters.id"), primary_key=True),
+    sa.Column("alias", sa.String(64), primary_key=True),
+    sa.Column("version_id", sa.Integer, sa.ForeignKey("registry_versions.id"), nullable=False),
+    sa.Column("updated_at", sa.DateTime, nullable=False),
+)  # fmt: skip
+
+
+class CatalogLookupError(LookupError):
+    """The adapter, version or alias does not exist; the message says which."""
+
+
+class UnknownAdapter(CatalogLookupError):
+    """No adapter of that name is in the registry at all."""
+
+
+class CatalogConflict(ValueError):
+    """The change is refused as asked (e.g. deleting a version an alias points at)."""
+
+
+def _now() -> datetime:
+    return datetime.now(timezone.utc).replace(tzinfo=None)
+
+
+@dataclass(frozen=True)
+class VersionRecord:
+    adapter: str
+    tenant: str
+    number: int
+    digest: str
+    size_bytes: int
+    manifest: dict[str, Any] | None
+    created_at: datetime
+    published_at: datetime
+    aliases: tuple[str, ...] = ()
+
+    @property
+    def ref(self) -> str:
+        return f"{self.adapter}:v{self.number}"
+
+    @property
+    def version_id(self) -> str:
+        return version_id(self.digest)
+
+
+@dataclass(frozen=True)
+class AdapterRecord:
+    name: str
+    tenant: str
+    created_at: datetime
+    versions: tuple[VersionRecord, ...]
+    aliases: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class DeleteResult:
+    deleted: VersionRecord
+    aliases_moved: dict[str, int | None]
+    """Aliases that pointed at the deleted version: new target number, or None if removed."""
+    blob_unreferenced: bool
+    """No version of any adapter uses the digest any more: its blob may be deleted."""
+
+
+_VERSION_COLUMNS = (
+    versions_table.c.id, versions_table.c.number, versions_table.c.digest,
+    versions_table.c.size_bytes, versions_table.c.manifest, versions_table.c.created_at,
+    versions_table.c.published_at, adapters_table.c.name, adapters_table.c.tenant,
+)  # fmt: skip
+
+
+def _record(row: Any, aliases: tuple[str, ...] = ()) -> VersionRecord:
+    return VersionRecord(
+        adapter=row.name, tenant=row.tenant, number=row.number, digest=row.digest,
+        size_bytes=row.size_bytes, manifest=row.manifest, created_at=row.created_at,
+        published_at=row.published_at, aliases=aliases,
+    )  # fmt: skip
+
+
+class Catalog:
+    def __init__(self, engine: sa.Engine) -> None:
+        self.engine = engine
+
+    @classmethod
+    def open(cls, url: str) -> Catalog:
+        """Connect and bring the schema to its newest revision (an empty database included)."""
+        from loraplex.database import create_db_engine, migrate
+
+        engine = create_db_engine(url)
+        migrate(engine)
+        return cls(engine)
+
+    # ---- reading -------------------------------------------------------------------------
+
+    def resolve(self, ref: AdapterRef) -> VersionRecord:
+        """The version `ref` names now. Raises CatalogLookupError naming what is missing."""
+        with self.engine.connect() as conn:
+            adapter_id = self._adapter_id(conn, str(ref.name))
+            query = sa.select(*_VERSION_COLUMNS).join(
+                adapters_table, adapters_table.c.id == versions_table.c.adapter_id
+            )
+            if ref.version is not None:
+                query = query.where(
+                    versions_table.c.adapter_id == adapter_id,
+                    versions_table.c.number == ref.version,
+                )
+                missing = f"adapter {ref.name} has no version v{ref.version}"
+            else:
+                alias = ref.alias or LATEST
+                query = query.join(
+                    aliases_table, aliases_table.c.version_id == versions_table.c.id
+                ).where(aliases_table.c.adapter_id == adapter_id, aliases_table.c.alias == alias)
+                missing = (
+                    f"adapter {ref.name} has no alias @{alias}"
+                    if ref.alias
+                    else f"adapter {ref.name} has no published version"
+                )
+            row = conn.execute(query).first()
+        if row is None:
+            raise CatalogLookupError(missing)
+        return _record(row)
+
+    def exists(self, name: AdapterName) -> bool:
+        with self.engine.connect() as conn:
+            query = sa.select(adapters_table.c.id).where(adapters_table.c.name == str(name))
+            return conn.execute(query).first() is not None
+
+    def list_adapters(self, tenant: str | None = None) -> list[AdapterRecord]:
+        with self.engine.connect() as conn:
+            query = sa.select(adapters_table).order_by(adapters_table.c.name)
+            if tenant is not None:
+                query = query.where(adapters_table.c.tenant == tenant)
+            adapters = conn.execute(query).all()
+            ids = [a.id for a in adapters]
+            versions = conn.execute(
+                sa.select(versions_table.c.adapter_id, *_VERSION_COLUMNS)
+                .join(adapters_table, adapters_table.c.id == versions_table.c.adapter_id)
+                .where(versions_table.c.adapter_id.in_(ids))
+                .order_by(versions_table.c.number)
+            ).all()
+            aliases = conn.execute(
+                sa.select(
+                    aliases_table.c.adapter_id, aliases_table.c.alias, versions_table.c.number
+                )
+                .join(versions_table, versions_table.c.id == aliases_table.c.version_id)
+                .where(aliases_table.c.adapter_id.in_(ids))
+                .order_by(aliases_table.c.alias)
+            ).all()
+        result = []
+        for adapter in adapters:
+            alias_map = {a.alias: a.number for a in aliases if a.adapter_id == adapter.id}
+            records = tuple(
+                _record(v, tuple(name for name, n in alias_map.items() if n == v.number))
+                for v in versions
+                if v.adapter_id == adapter.id
+            )
+            result.append(
+                AdapterRecord(adapter.name, adapter.tenant, adapter.created_at, records, alias_map)
+            )
+        return result
+
+    def digest_in_use(self, digest: str) -> bool:
+        with self.engine.connect() as conn:
+            query = sa.select(versions_table.c.id).where(versions_table.c.digest == digest)
+            return conn.execute(query.limit(1)).first() is not None
+
+    # ---- changing ------------------------------------------------------------------------
+
+    def add_version(
+        self,
+        name: AdapterName,
+        digest: str,
+        size_bytes: int,
+        manifest: dict[str, Any] | None,
+        created_at: datetime | None = None,
+    ) -> tuple[VersionRecord, bool]:
+        """Publish a new version and move @latest to it, in one transaction.
+
+        Returns (version, created). When @latest already has exactly this content,
+        nothing changes and (that version, False) is returned.
+        """
+        created_at = created_at or _now()
+        for _attempt in range(5):
+            try:
+                return self._add_version_once(name, digest, size_bytes, manifest, created_at)
+            except IntegrityError:
+                continue  # a concurrent publish took the number (or created the adapter)
+        raise CatalogConflict(f"could not publish {name}: too many concurrent publishes")
+
+    def _add_version_once(
+        self, name: AdapterName, digest: str, size_bytes: int,
+        manifest: dict[str, Any] | None, created_at: datetime,
+    ) -> tuple[VersionRecord, bool]:  # fmt: skip
+        with self.engine.begin() as conn:
+            row = conn.execute(
+                sa.select(adapters_table).where(adapters_table.c.name == str(name))
+            ).first()
+            if row is None:
+                adapter_id = conn.execute(
+                    adapters_table.insert().values(
+                        name=str(name), tenant=name.tenant, last_number=0, created_at=created_at
+                    )
+                ).inserted_primary_key[0]
+                last = 0
+            else:
+                adapter_id, last = row.id, row.last_number
+                latest = self._alias_version(conn, adapter_id, LATEST)
+                if latest is not None and latest.digest == digest:
+                    return _record(latest), False
+            number = last + 1
+            # Optimistic: if another publish moved last_number meanwhile, retry.
+            moved = conn.execute(
+                adapters_table.update()
+                .where(adapters_table.c.id == adapter_id, adapters_table.c.last_number == last)
+                .values(last_number=number)
+            ).rowcount
+            if moved != 1:
+                raise IntegrityError("last_number changed", None, ValueError())
+            published_at = _now()
+            version_row_id = conn.execute(
+                versions_table.insert().values(
+                    adapter_id=adapter_id,
+                    number=number,
+                    digest=digest,
+                    size_bytes=size_bytes,
+                    manifest=manifest,
+                    created_at=created_at,
+                    published_at=published_at,
+                )
+            ).inserted_primary_key[0]
+            self._set_alias(conn, adapter_id, LATEST, version_row_id)
+        record = VersionRecord(
+            str(name), str(name.tenant), number, digest, size_bytes, manifest, created_at,
+            published_at, (LATEST,),
+        )  # fmt: skip
+        return record, True
+
+    def set_alias(self, name: AdapterName, alias: str, number: int) -> int | None:
+        """Point `alias` at version `number`; returns the number it pointed at before."""
+        with self.engine.begin() as conn:
+            adapter_id = self._adapter_id(conn, str(name))
+            target = conn.execute(
+                sa.select(versions_table.c.id).where(
+                    versions_table.c.adapter_id == adapter_id, versions_table.c.number == number
+                )
+            ).first()
+            if target is None:
+                raise CatalogLookupError(f"adapter {name} has no version v{number}")
+            previous = self._alias_version(conn, adapter_id, alias)
+            self._set_alias(conn, adapter_id, alias, target.id)
+        return previous.number if previous is not None else None
+
+    def rollback(self, name: AdapterName) -> tuple[int, int]:
+        """Move @latest to the newest version older than the one it points at: (from, to)."""
+        with self.engine.begin() as conn:
+            adapter_id = self._adapter_id(conn, str(name))
+            current = self._alias_version(conn, adapter_id, LATEST)
+            if current is None:
+                raise CatalogLookupError(f"adapter {name} has no published version")
+            previous = conn.execute(
+                sa.select(versions_table.c.id, versions_table.c.number)
+                .where(
+                    versions_table.c.adapter_id == adapter_id,
+                    versions_table.c.number < current.number,
+                )
+                .order_by(versions_table.c.number.desc())
+                .limit(1)
+            ).first()
+            if previous is None:
+                raise CatalogConflict(
+                    f"{name}@latest is v{current.number}, and there is no older version to "
+                    "roll back to"
+                )
+            self._set_alias(conn, adapter_id, LATEST, previous.id)
+        return current.number, previous.number
+
+    def delete_version(self, name: AdapterName, number: int, force: bool = False) -> DeleteResult:
+        """Delete `name:vN`. Refused while aliases point at it unless `force`, which moves
+        @latest to the newest remaining version and removes other aliases."""
+        with self.engine.begin() as conn:
+            adapter_id = self._adapter_id(conn, str(name))
+            row = conn.execute(
+                sa.select(*_VERSION_COLUMNS)
+                .join(adapters_table, adapters_table.c.id == versions_table.c.adapter_id)
+                .where(versions_table.c.adapter_id == adapter_id, versions_table.c.number == number)
+            ).first()
+            if row is None:
+                raise CatalogLookupError(f"adapter {name} has no version v{number}")
+            aliases = [
+                a.alias
+                for a in conn.execute(
+                    sa.select(aliases_table.c.alias).where(aliases_table.c.version_id == row.id)
+                ).all()
+            ]
+            if aliases and not force:
+                listed = ", ".join(f"@{a}" for a in sorted(aliases))
+                raise CatalogConflict(
+                    f"{name}:v{number} is in use by {listed}; point the alias elsewhere "
+                    "(`loraplex adapters alias` / `rollback`) or delete with --force"
+                )
+            moved: dict[str, int | None] = {}
+            replacement = conn.execute(
+                sa.select(versions_table.c.id, versions_table.c.number)
+                .where(versions_table.c.adapter_id == adapter_id, versions_table.c.id != row.id)
+                .order_by(versions_table.c.number.desc())
+                .limit(1)
+            ).first()
+            for alias in aliases:
+                if alias == LATEST and replacement is not None:
+                    self._set_alias(conn, adapter_id, alias, replacement.id)
+                    moved[alias] = replacement.number
+                else:
+                    conn.execute(
+                        aliases_table.delete().where(
+                            aliases_table.c.adapter_id == adapter_id,
+                            aliases_table.c.alias == alias,
+                        )
+                    )
+                    moved[alias] = None
+            conn.execute(versions_table.delete().where(versions_table.c.id == row.id))
+            still_used = conn.execute(
+                sa.select(versions_table.c.id).where(versions_table.c.digest == row.digest).limit(1)
+            ).first()
+        return DeleteResult(_record(row, tuple(aliases)), moved, still_used is None)
+
+    # ---- helpers ---------------------------------------------------------------------------
+
+    @staticmethod
+    def _adapter_id(conn: sa.Connection, name: str) -> int:
+        row = conn.execute(
+            sa.select(adapters_table.c.id).where(adapters_table.c.name == name)
+        ).first()
+        if row is None:
+            raise UnknownAdapter(f"adapter {name} is not in the registry")
+        return row.id
+
+    @staticmethod
+    def _alias_version(conn: sa.Connection, adapter_id: int, alias: str) -> Any:
+        return conn.execute(
+            sa.select(*_VERSION_COLUMNS)
+            .join(adapters_table, adapters_table.c.id == versions_table.c.adapter_id)
+            .join(aliases_table, aliases_table.c.version_id == versions_table.c.id)
+            .where(aliases_table.c.adapter_id == adapter_id, aliases_table.c.alias == alias)
+        ).first()
+
+    @staticmethod
+    def _set_alias(conn: sa.Connection, adapter_id: int, alias: str, version_row_id: int) -> None:
+        updated = conn.execute(
+            aliases_table.update()
+            .where(aliases_table.c.adapter_id == adapter_id, aliases_table.c.alias == alias)
+            .values(version_id=version_row_id, updated_at=_now())
+        ).rowcount
+        if not updated:
+            conn.execute(
+                aliases_table.insert().values(
+                    adapter_id=adapter_id,
+                    alias=alias,
+                    version_id=version_row_id,
+                    updated_at=_now(),
+                )
+            )

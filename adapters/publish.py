@@ -1,0 +1,146 @@
+"""Publishing an adapter folder as a new immutable version.
+
+Everything is checked before anything becomes visible: required files, size,
+the compat rules vLLM needs (compat.py), and, when the adapter carries a
+manifest, that it was trained on the base model being served (by weights hash).
+Then the files go to the store (complete or not at all), and only then does one
+catalog transaction add the version and move @latest. A rejected publish
+changes nothing and lists every reason.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Collection
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from loraplex.adapters.blob_store import BlobStore
+from loraplex.adapters.catalog import Catalog, VersionRecord
+from loraplex.adapters.compat import BaseModelRef, check_adapter_config
+from loraplex.adapters.content import VersionContent, scan_adapter_dir
+from loraplex.adapters.local_store import ADAPTER_CONFIG, WEIGHT_FILES
+from loraplex.adapters.manifest import MANIFEST_FILE, AdapterManifest
+from loraplex.adapters.names import AdapterName
+
+Progress = Callable[[str], None]
+
+
+class PublishRejected(ValueError):
+    """The folder cannot be published; `problems` names the file or field of each reason."""
+
+    def __init__(self, path: Path, problems: list[str]) -> None:
+        self.problems = problems
+        super().__init__(f"{path} cannot be published:\n" + "\n".join(f"  - {p}" for p in problems))
+
+
+@dataclass(frozen=True)
+class PublishChecks:
+    max_lora_rank: int
+    max_bytes: int
+    served_base: BaseModelRef | None = None
+    """The base model being served; None skips the base-model match."""
+    known_modules: Collection[str] | None = None
+    """Linear module names of the served base; None skips the target-module check."""
+
+
+@dataclass(frozen=True)
+class CheckedAdapter:
+    content: VersionContent
+    manifest: dict[str, Any] | None
+
+
+def check_adapter_dir(path: Path, checks: PublishChecks) -> CheckedAdapter:
+    """Hash the folder and check it can be served; raises PublishRejected listing every problem."""
+    if not path.is_dir():
+        raise PublishRejected(path, [f"{path}: not a folder"])
+    problems: list[str] = []
+    config: dict[str, Any] | None = None
+    if not (path / ADAPTER_CONFIG).is_file():
+        problems.append(f"{ADAPTER_CONFIG}: missing (not a peft adapter folder)")
+    else:
+        try:
+            config = json.loads((path / ADAPTER_CONFIG).read_text())
+            if not isinstance(config, dict):
+                raise ValueError("not a JSON object")
+        except ValueError as exc:
+            problems.append(f"{ADAPTER_CONFIG}: unreadable JSON ({exc})")
+            config = None
+    weights = [name for name in WEIGHT_FILES if (path / name).is_file()]
+    if not weights:
+        problems.append(f"{' or '.join(WEIGHT_FILES)}: missing (no adapter weights)")
+    elif weights[0].endswith(".safetensors"):
+        problems += _check_safetensors(path / weights[0])
+
+    manifest: AdapterManifest | None = None
+    if (path / MANIFEST_FILE).is_file():
+        try:
+            manifest = AdapterManifest.model_validate_json((path / MANIFEST_FILE).read_text())
+        except ValueError as exc:
+            first = str(exc).splitlines()[0:3]
+            problems.append(f"{MANIFEST_FILE}: invalid ({' '.join(first)})")
+
+    content = scan_adapter_dir(path)
+    if content.size > checks.max_bytes:
+        problems.append(
+            f"{path}: adapter files total {content.size / 2**20:.1f} MiB, over the "
+            f"{checks.max_bytes / 2**20:.0f} MiB limit (registry_max_adapter_mib)"
+        )
+    if config is not None:
+        adapter_base = (
+            BaseModelRef(manifest.base_model.id, manifest.base_model.weights_sha256)
+            if manifest is not None
+            else None
+        )
+        for problem in check_adapter_config(
+            config,
+            max_lora_rank=checks.max_lora_rank,
+            known_modules=checks.known_modules,
+            adapter_base=adapter_base,
+            served_base=checks.served_base if adapter_base is not None else None,
+        ):
+            where = MANIFEST_FILE if problem.rule == "base_model" else ADAPTER_CONFIG
+            problems.append(f"{where}: {problem}")
+    if problems:
+        raise PublishRejected(path, problems)
+    return CheckedAdapter(content, manifest.model_dump(mode="json") if manifest else None)
+
+
+def _check_safetensors(file: Path) -> list[str]:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(file), framework="numpy") as handle:
+            keys = list(handle.keys())
+    except Exception as exc:  # safetensors raises its own error types for a bad header
+        return [f"{file.name}: unreadable safetensors file ({exc})"]
+    if not any("lora_A" in k for k in keys) or not any("lora_B" in k for k in keys):
+        return [f"{file.name}: holds no lora_A/lora_B weights"]
+    return []
+
+
+def publish_adapter(
+    path: Path,
+    name: AdapterName,
+    *,
+    catalog: Catalog,
+    store: BlobStore,
+    checks: PublishChecks,
+    progress: Progress | None = None,
+) -> tuple[VersionRecord, bool]:
+    """Check, upload and register `path` as the next version of `name`.
+
+    Returns (version, created); created is False when @latest already has these bytes.
+    """
+    say = progress or (lambda _: None)
+    say(f"checking {path}")
+    checked = check_adapter_dir(path, checks)
+    digest = checked.content.digest
+    say(f"content sha256 {digest[:12]}, {checked.content.size / 1e6:.1f} MB")
+    if store.has(digest):
+        say(f"blob already in the store {store.describe()}")
+    else:
+        say(f"uploading to {store.describe()}")
+        store.put(digest, checked.content, path, say)
+    return catalog.add_version(name, digest, checked.content.size, checked.manifest)

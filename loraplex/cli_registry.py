@@ -1,0 +1,281 @@
+"""`loraplex adapters publish|list|alias|rollback|delete`: the registry from the command line.
+
+Errors name the file, field or adapter at fault and exit with status 2 (bad
+input, refused change) or 3 (store or database unreachable).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import typing
+from pathlib import Path
+
+from loraplex.settings import ServeSettings
+
+log = logging.getLogger("loraplex.cli")
+
+# The settings a registry command needs; all of them are also LORAPLEX_* variables.
+_REGISTRY_FLAGS = (
+    "database_url", "registry_store", "registry_s3_endpoint_url", "registry_cache_dir",
+    "base_model", "max_lora_rank", "registry_max_adapter_mib",
+)  # fmt: skip
+EXIT_REFUSED = 2
+EXIT_UNAVAILABLE = 3
+
+
+def _add_flags(parser: argparse.ArgumentParser) -> None:
+    for name in _REGISTRY_FLAGS:
+        field = ServeSettings.model_fields[name]
+        kwargs: dict[str, typing.Any] = {"dest": name, "default": None}
+        choices = typing.get_args(field.annotation)
+        if typing.get_origin(field.annotation) is typing.Literal:
+            kwargs.update(choices=choices, type=type(choices[0]))
+        elif field.annotation in (int, float, Path):
+            kwargs["type"] = field.annotation
+        kwargs["help"] = f"{field.description or ''} [env LORAPLEX_{name.upper()}]"
+        parser.add_argument(f"--{name.replace('_', '-')}", **kwargs)
+
+
+def _settings(args: argparse.Namespace) -> ServeSettings:
+    overrides = {n: getattr(args, n) for n in _REGISTRY_FLAGS if getattr(args, n) is not None}
+    return ServeSettings(**overrides)
+
+
+def _open(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+    from loraplex.adapters.registry import Registry, RegistryConfig
+
+    return Registry.open(RegistryConfig.from_settings(_settings(args)))
+
+
+def _err(message: str) -> None:
+    print(f"error: {message}", file=sys.stderr)
+
+
+def _run(args: argparse.Namespace, action: typing.Callable[[], int]) -> int:
+    """Map registry errors to messages and exit codes, in one place."""
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from loraplex.adapters.blob_store import StoreUnavailable
+    from loraplex.adapters.catalog import CatalogConflict, CatalogLookupError
+    from loraplex.adapters.names import InvalidAdapterName
+    from loraplex.adapters.publish import PublishRejected
+
+    try:
+        return action()
+    except (PublishRejected, CatalogConflict, InvalidAdapterName, CatalogLookupError) as exc:
+        _err(str(exc))
+        return EXIT_REFUSED
+    except StoreUnavailable as exc:
+        _err(f"adapter store unavailable: {exc}")
+        return EXIT_UNAVAILABLE
+    except SQLAlchemyError as exc:
+        _err(f"catalog database unavailable: {type(exc).__name__}: {str(exc).splitlines()[0]}")
+        return EXIT_UNAVAILABLE
+
+
+def served_base(settings: ServeSettings) -> tuple[typing.Any, set[str] | None]:
+    """The served base model as the publish checks need it: (BaseModelRef | None, modules).
+
+    None where the base is not a local folder (a hub id): those checks are skipped.
+    """
+    from loraplex.adapters.compat import BaseModelRef
+
+    if not settings.base_model:
+        from loraplex.serving.base_model import embedded_model_dir, pull_embedded_model
+
+        # Its marker (written after a verified pull) holds the hashes: no need to rehash.
+        folder = embedded_model_dir()
+        if not (folder / "loraplex-model.json").is_file():
+            folder = pull_embedded_model()
+    else:
+        folder = Path(settings.base_model)
+    weights = folder / "model.safetensors"
+    if not weights.is_file():
+        return None, None
+    marker = folder / "loraplex-model.json"
+    digest = None
+    if marker.is_file():  # the pull recorded (and verified) every file's hash
+        digest = json.loads(marker.read_text()).get("files", {}).get("model.safetensors")
+    if digest is None:
+        from loraplex.adapters.manifest import sha256_file
+
+        digest = sha256_file(weights)
+    from safetensors import safe_open
+
+    with safe_open(str(weights), framework="numpy") as handle:
+        # model.layers.N.self_attn.q_proj.weight → q_proj: what LoRA may target.
+        modules = {
+            key.split(".")[-2]
+            for key in handle.keys()  # noqa: SIM118 (safe_open is not a mapping)
+            if key.startswith("model.layers.") and key.endswith(".weight")
+            and len(handle.get_slice(key).get_shape()) == 2
+        }  # fmt: skip
+    return BaseModelRef(folder.name, digest), modules
+
+
+def cmd_publish(args: argparse.Namespace) -> int:
+    from loraplex.adapters.publish import PublishChecks, publish_adapter
+    from loraplex.adapters.refs import parse_registry_name
+
+    def action() -> int:
+        name = parse_registry_name(args.name)
+        settings = _settings(args)
+        base, modules = served_base(settings)
+        if base is None:
+            print("warning: base model is not a local folder; base-model checks skipped",
+                  file=sys.stderr)  # fmt: skip
+        checks = PublishChecks(
+            max_lora_rank=settings.max_lora_rank,
+            max_bytes=settings.registry_max_adapter_mib * 2**20,
+            served_base=base,
+            known_modules=modules,
+        )
+        registry = _open(args)
+        record, created = publish_adapter(
+            args.dir, name, catalog=registry.catalog, store=registry.store, checks=checks,
+            progress=lambda line: print(f"  {line}", file=sys.stderr),
+        )  # fmt: skip
+        if created:
+            print(f"published {record.ref} (@latest) {record.version_id}")
+        else:
+            print(f"unchanged: {record.ref} (@latest) already has this content")
+        return 0
+
+    return _run(args, action)
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    def action() -> int:
+        adapters = _open(args).catalog.list_adapters(args.tenant)
+        if args.json:
+            print(json.dumps([_adapter_json(a) for a in adapters], indent=2))
+            return 0
+        if not adapters:
+            print("no adapters" + (f" for tenant {args.tenant}" if args.tenant else ""))
+        for adapter in adapters:
+            aliases = " ".join(f"@{a}=v{n}" for a, n in sorted(adapter.aliases.items()))
+            print(f"{adapter.name}  {aliases}")
+            for v in adapter.versions:
+                print(
+                    f"  v{v.number:<4} {v.digest[:12]}  {v.size_bytes / 1e6:8.1f} MB  "
+                    f"{v.published_at:%Y-%m-%d %H:%M:%S}  {' '.join('@' + a for a in v.aliases)}"
+                )
+        return 0
+
+    return _run(args, action)
+
+
+def _adapter_json(adapter: typing.Any) -> dict:
+    return {
+        "name": adapter.name,
+        "tenant": adapter.tenant,
+        "aliases": adapter.aliases,
+        "versions": [
+            {"version": f"v{v.number}", "id": v.version_id, "sha256": v.digest,
+             "size_bytes": v.size_bytes, "published_at": v.published_at.isoformat() + "Z",
+             "aliases": list(v.aliases)}
+            for v in adapter.versions
+        ],
+    }  # fmt: skip
+
+
+def cmd_alias(args: argparse.Namespace) -> int:
+    from loraplex.adapters.refs import parse_adapter_ref, parse_version
+
+    def action() -> int:
+        ref = parse_adapter_ref(args.ref)
+        if ref.alias is None:
+            _err(f"{args.ref!r}: expected tenant/name@alias")
+            return EXIT_REFUSED
+        number = parse_version(args.version)
+        previous = _open(args).catalog.set_alias(ref.name, ref.alias, number)
+        was = f" (was v{previous})" if previous is not None else ""
+        print(f"{ref} → v{number}{was}")
+        return 0
+
+    return _run(args, action)
+
+
+def cmd_rollback(args: argparse.Namespace) -> int:
+    from loraplex.adapters.refs import parse_registry_name
+
+    def action() -> int:
+        name = parse_registry_name(args.name)
+        old, new = _open(args).catalog.rollback(name)
+        print(f"{name}@latest → v{new} (was v{old})")
+        return 0
+
+    return _run(args, action)
+
+
+def cmd_delete(args: argparse.Namespace) -> int:
+    from loraplex.adapters.refs import parse_adapter_ref
+
+    def action() -> int:
+        ref = parse_adapter_ref(args.ref)
+        if ref.version is None:
+            _err(f"{args.ref!r}: name the version to delete, e.g. {ref.name}:v1")
+            return EXIT_REFUSED
+        registry = _open(args)
+        result = registry.catalog.delete_version(ref.name, ref.version, force=args.force)
+        for alias, target in result.aliases_moved.items():
+            where = f"moved to v{target}" if target is not None else "removed"
+            print(f"  @{alias} {where}", file=sys.stderr)
+        if result.blob_unreferenced:
+            # After the catalog commit: a failure here leaves an unreferenced blob, never
+            # a version without its files.
+            registry.store.delete(result.deleted.digest)
+        print(f"deleted {result.deleted.ref}")
+        return 0
+
+    return _run(args, action)
+
+
+def add_registry_commands(adapters: typing.Any) -> None:
+    """Add the registry subcommands to the `loraplex adapters` subparser group."""
+    publish = adapters.add_parser(
+        "publish",
+        help="publish an adapter folder as the next immutable version (moves @latest)",
+        description="Check the folder (peft files, size limit, vLLM compatibility, and, when it "
+        "has a manifest.json, that it was trained on the served base model), upload it "
+        "content-addressed to the store, then add version vN and move @latest in one catalog "
+        "transaction. A rejected publish changes nothing.",
+    )
+    publish.add_argument("dir", type=Path, help="adapter folder (peft format)")
+    publish.add_argument("--name", required=True, help="tenant/name")
+    _add_flags(publish)
+    publish.set_defaults(func=cmd_publish)
+
+    listing = adapters.add_parser("list", help="list registry adapters, versions and aliases")
+    listing.add_argument("--tenant", default=None, help="only this tenant's adapters")
+    listing.add_argument("--json", action="store_true", help="machine-readable output")
+    _add_flags(listing)
+    listing.set_defaults(func=cmd_list)
+
+    alias = adapters.add_parser("alias", help="point tenant/name@alias at a version")
+    alias.add_argument("ref", help="tenant/name@alias")
+    alias.add_argument("version", help="vN")
+    _add_flags(alias)
+    alias.set_defaults(func=cmd_alias)
+
+    rollback = adapters.add_parser(
+        "rollback", help="move @latest back to the version before the one it points at"
+    )
+    rollback.add_argument("name", help="tenant/name")
+    _add_flags(rollback)
+    rollback.set_defaults(func=cmd_rollback)
+
+    delete = adapters.add_parser(
+        "delete",
+        help="delete one version (refused while an alias points at it, unless --force)",
+        description="Delete tenant/name:vN. With --force, @latest moves to the newest "
+        "remaining version and other aliases pointing at it are removed. Its blob is "
+        "deleted from the store when no other version uses the same content.",
+    )
+    delete.add_argument("ref", help="tenant/name:vN")
+    delete.add_argument("--force", action="store_true", help="delete even if aliased")
+    _add_flags(delete)
+    delete.set_defaults(func=cmd_delete)
