@@ -152,12 +152,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
         metric, results = evaluate_adapter(
             args.adapter_dir, args.data, few_shot=args.few_shot, train_data=args.train_data,
             metric=args.metric, max_new_tokens=args.max_new_tokens,
-            max_examples=args.max_examples,
+            max_examples=args.max_examples, write_manifest=args.write_manifest,
         )  # fmt: skip
     except (DataError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(compare_table(metric, results))
+    if args.write_manifest:
+        print(f"recorded in {args.adapter_dir / 'manifest.json'}", file=sys.stderr)
     return 0
 
 
@@ -192,6 +194,10 @@ def _add_training_commands(commands: typing.Any) -> None:
     )  # fmt: skip
     evaluate.add_argument("--max-new-tokens", type=int, default=None, help="tokens per answer")
     evaluate.add_argument("--max-examples", type=int, default=None, help="score the first N")
+    evaluate.add_argument(
+        "--write-manifest", action="store_true",
+        help="record these scores (and the data's hash and size) in the adapter's manifest.json",
+    )  # fmt: skip
     evaluate.set_defaults(func=cmd_eval)
 
 

@@ -4,6 +4,8 @@ Each held-out example's prompt is rendered with the chat template, the model
 answers greedily, and the answer is scored against the reference. The few-shot
 baseline puts k training examples before the question as earlier chat turns:
 the prompt-engineering result an adapter has to beat to be worth training.
+`loraplex eval --write-manifest` records what it printed in the adapter's
+manifest.json, so the numbers a user saw and the manifest agree.
 """
 
 from __future__ import annotations
@@ -122,11 +124,13 @@ def evaluate_adapter(
     max_new_tokens: int | None = None,
     max_examples: int | None = None,
     base_model: Path | None = None,
+    write_manifest: bool = False,
 ) -> tuple[str, dict[str, float]]:
     """Score base, base with `few_shot` shots, and the adapter on `data`: (metric, scores).
 
     Defaults (base model, metric, tokens, the training data for shots) come from the
-    adapter's manifest.json when it has one.
+    adapter's manifest.json when it has one. `write_manifest` records the scores in it
+    (checked before any model is loaded: the manifest must exist and use this metric).
     """
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -134,12 +138,21 @@ def evaluate_adapter(
     from loraplex.adapters.manifest import MANIFEST_FILE, read_manifest
 
     training: dict[str, Any] = {}
-    if (adapter_dir / MANIFEST_FILE).is_file():
+    manifest_path = adapter_dir / MANIFEST_FILE
+    if manifest_path.is_file():
         training = read_manifest(adapter_dir).training_config
+    elif write_manifest:
+        raise ValueError(f"{manifest_path}: no manifest to write the scores into")
     eval_settings = training.get("eval", {})
-    metric = metric or eval_settings.get("metric", "exact_match")
+    recorded_metric = eval_settings.get("metric", "exact_match")
+    metric = metric or recorded_metric
     if metric not in SCORERS:
         raise ValueError(f"unknown metric {metric!r}; choose from {sorted(SCORERS)}")
+    if write_manifest and metric != recorded_metric:
+        # The manifest's scores are read with its training config's metric.
+        raise ValueError(
+            f"{manifest_path}: records {recorded_metric} scores; cannot write {metric} ones"
+        )
     max_new_tokens = max_new_tokens or eval_settings.get("max_new_tokens", 48)
     if base_model is None:
         if training.get("base_model"):
@@ -167,4 +180,23 @@ def evaluate_adapter(
                 model, tokenizer, examples, metric, max_new_tokens, shots
             ).score
     results["adapter"] = score_model(model, tokenizer, examples, metric, max_new_tokens).score
+    if write_manifest:
+        record_eval(adapter_dir, data, results, len(examples))
     return metric, results
+
+
+def record_eval(adapter_dir: Path, data: Path, results: dict[str, float], examples: int) -> Path:
+    """Make `results` the manifest's held-out scores, with the data they were measured on.
+
+    The whole `eval` mapping is replaced, so no score from another data file or
+    another k of few-shot stays beside the new ones.
+    """
+    from loraplex.adapters.manifest import read_manifest, sha256_file
+
+    manifest = read_manifest(adapter_dir)
+    dataset = manifest.dataset.model_copy(
+        update={"eval_sha256": sha256_file(data), "eval_examples": examples}
+    )
+    return manifest.model_copy(update={"eval": dict(results), "dataset": dataset}).write(
+        adapter_dir
+    )

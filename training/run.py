@@ -255,7 +255,8 @@ def train_task(config: TrainConfig, on_step: Any = None) -> RunResult:
             train_sha256=sha256_file(config.train_data),
             train_examples=len(train_tok),
             eval_sha256=sha256_file(config.eval_data) if config.eval_data else None,
-            eval_examples=len(evaluation),
+            # The examples the eval scores were measured on, as `loraplex eval` records.
+            eval_examples=len(evaluation[: config.eval.max_examples]),
         ),
         eval=results,
     ).write(run_dir)

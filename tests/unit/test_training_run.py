@@ -120,7 +120,8 @@ def test_a_run_writes_a_servable_adapter_and_its_records(tiny_base: Path, tmp_pa
     assert any("lora_B" in k and v.abs().sum() > 0 for k, v in weights.items())
     manifest = read_manifest(run)
     assert set(manifest.eval) == {"base", "base_few_shot_1", "adapter"} == set(result.eval)
-    assert manifest.dataset.train_examples == 400 and manifest.dataset.eval_examples == 60
+    # eval_examples counts the held-out examples the scores were measured on.
+    assert manifest.dataset.train_examples == 400 and manifest.dataset.eval_examples == 4
     assert manifest.base_model.weights_sha256 and manifest.base_model.chat_template_sha256
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["steps"] == 3 and [h["step"] for h in metrics["history"]] == [1, 2, 3]
