@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import httpx
 
@@ -23,6 +24,9 @@ from loraplex.settings import ServeSettings
 log = logging.getLogger(__name__)
 
 _PR_SET_PDEATHSIG = 1
+# vLLM's logging in loraplex's JSON-lines shape (vLLM reads a dictConfig from this path),
+# so one log pipeline parses the router and the engine alike.
+VLLM_LOGGING_CONFIG = Path(__file__).with_name("vllm_logging.json")
 
 
 def vllm_command(settings: ServeSettings) -> list[str]:
@@ -56,6 +60,7 @@ def vllm_environment(settings: ServeSettings) -> dict[str, str]:
     env.setdefault("VLLM_PLUGINS", "loraplex")
     env["LORAPLEX_ADAPTERS_DIR"] = str(settings.adapters_dir)
     env["LORAPLEX_CPU_LORA_KERNELS"] = settings.cpu_lora_kernels
+    env.setdefault("VLLM_LOGGING_CONFIG_PATH", str(VLLM_LOGGING_CONFIG))
     env.setdefault("HF_HUB_OFFLINE", "1")
     env.setdefault("TRANSFORMERS_OFFLINE", "1")
     return env
