@@ -59,6 +59,11 @@ def vllm_environment(settings: ServeSettings) -> dict[str, str]:
     env.setdefault("VLLM_CPU_KVCACHE_SPACE", str(settings.kv_cache_gib))
     env.setdefault("VLLM_PLUGINS", "loraplex")
     env["LORAPLEX_ADAPTERS_DIR"] = str(settings.adapters_dir)
+    # The plugin's registry resolver reads the same store and cache as the router.
+    env["LORAPLEX_REGISTRY_STORE"] = settings.registry_store
+    env["LORAPLEX_REGISTRY_S3_ENDPOINT_URL"] = settings.registry_s3_endpoint_url
+    env["LORAPLEX_REGISTRY_CACHE_DIR"] = str(settings.registry_cache_dir)
+    env["LORAPLEX_REGISTRY_CACHE_GIB"] = str(settings.registry_cache_gib)
     env["LORAPLEX_CPU_LORA_KERNELS"] = settings.cpu_lora_kernels
     env.setdefault("VLLM_LOGGING_CONFIG_PATH", str(VLLM_LOGGING_CONFIG))
     env.setdefault("HF_HUB_OFFLINE", "1")

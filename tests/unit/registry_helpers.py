@@ -1,0 +1,140 @@
+"""Small real artefacts for registry tests: peft-format adapter folders, a base-model folder,
+a moto S3 server, and a stand-in vLLM server for router tests without an engine."""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from safetensors.numpy import save_file
+
+PROJECTIONS = ("q_proj", "v_proj")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def make_adapter_dir(folder: Path, seed: int, rank: int = 8, **config: object) -> Path:
+    """A peft-format LoRA folder (2 layers, q/v) whose weights depend on `seed`."""
+    folder.mkdir(parents=True, exist_ok=True)
+    adapter_config = {
+        "peft_type": "LORA", "r": rank, "lora_alpha": rank, "bias": "none",
+        "target_modules": list(PROJECTIONS), "base_model_name_or_path": "tiny-base",
+        **config,
+    }  # fmt: skip
+    (folder / "adapter_config.json").write_text(json.dumps(adapter_config))
+    rng = np.random.default_rng(seed)
+    tensors = {}
+    for layer in range(2):
+        for proj in PROJECTIONS:
+            prefix = f"base_model.model.model.layers.{layer}.self_attn.{proj}"
+            tensors[f"{prefix}.lora_A.weight"] = rng.standard_normal((rank, 16), np.float32)
+            tensors[f"{prefix}.lora_B.weight"] = rng.standard_normal((16, rank), np.float32)
+    save_file(tensors, str(folder / "adapter_model.safetensors"))
+    return folder
+
+
+def make_base_dir(folder: Path) -> Path:
+    """A base-model folder with the weight names publish reads its module names from."""
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors = {"model.embed_tokens.weight": np.zeros((8, 16), np.float32)}
+    for layer in range(2):
+        for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            tensors[f"model.layers.{layer}.self_attn.{proj}.weight"] = np.zeros(
+                (16, 16), np.float32
+            )
+        tensors[f"model.layers.{layer}.input_layernorm.weight"] = np.zeros(16, np.float32)
+    save_file(tensors, str(folder / "model.safetensors"))
+    return folder
+
+
+@contextmanager
+def moto_s3() -> Iterator[str]:
+    """A real S3-compatible HTTP server (moto) on loopback; yields its endpoint URL."""
+    from moto.server import ThreadedMotoServer
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.stop()
+
+
+class FakeVLLM:
+    """Speaks the part of vLLM's HTTP API the router uses. A completion answers with the
+    folder the requested adapter was registered from, so tests see which files served it."""
+
+    def __init__(self) -> None:
+        self.registered: dict[str, str] = {}
+        self.load_calls: list[str] = []
+        self.unload_calls: list[str] = []
+        self.load_delay_s = 0.0
+        app = FastAPI()
+
+        @app.get("/health")
+        async def health() -> dict:
+            return {}
+
+        @app.post("/v1/load_lora_adapter")
+        async def load(request: Request) -> JSONResponse:
+            body = await request.json()
+            self.load_calls.append(body["lora_name"])
+            if self.load_delay_s:
+                import asyncio
+
+                await asyncio.sleep(self.load_delay_s)
+            if not (Path(body["lora_path"]) / "adapter_config.json").is_file():
+                return JSONResponse({"error": {"message": "no adapter there"}}, 404)
+            self.registered[body["lora_name"]] = body["lora_path"]
+            return JSONResponse("ok")
+
+        @app.post("/v1/unload_lora_adapter")
+        async def unload(request: Request) -> JSONResponse:
+            name = (await request.json())["lora_name"]
+            self.unload_calls.append(name)
+            if self.registered.pop(name, None) is None:
+                return JSONResponse({"error": {"message": "unknown"}}, 404)
+            return JSONResponse("ok")
+
+        @app.post("/v1/completions")
+        @app.post("/v1/chat/completions")
+        async def complete(request: Request) -> JSONResponse:
+            model = (await request.json())["model"]
+            if model != "base" and model not in self.registered:
+                return JSONResponse({"error": {"message": f"{model} not found"}}, 404)
+            text = self.registered.get(model, "base")
+            return JSONResponse(
+                {"object": "text_completion", "model": model, "choices": [{"text": text}]}
+            )
+
+        self.app = app
+
+    @contextmanager
+    def serve(self) -> Iterator[str]:
+        port = free_port()
+        config = uvicorn.Config(self.app, host="127.0.0.1", port=port, log_level="error")
+        server = uvicorn.Server(config)
+        thread = threading.Thread(target=server.run, daemon=True)
+        thread.start()
+        deadline = time.monotonic() + 10
+        while not server.started and time.monotonic() < deadline:
+            time.sleep(0.02)
+        try:
+            yield f"http://127.0.0.1:{port}"
+        finally:
+            server.should_exit = True
+            thread.join(timeout=10)
