@@ -203,7 +203,27 @@ def config_from_dict(data: Any, path: Path, root: yaml.Node | None = None) -> Tr
     updates: dict[str, Any] = {"train_data": here / config.train_data}
     if config.eval_data is not None:
         updates["eval_data"] = here / config.eval_data
-    return config.model_copy(update=updates)
+    config = config.model_copy(update=updates)
+    _check_paths(config, path, root)
+    return config
+
+
+def _check_paths(config: TrainConfig, path: Path, root: yaml.Node | None) -> None:
+    """Missing files are config errors naming the key: found before any task trains."""
+    problems: list[tuple[str, str]] = []
+    for key in ("train_data", "eval_data"):
+        value = getattr(config, key)
+        if value is not None and not value.is_file():
+            problems.append((key, f"no such file: {value}"))
+    if config.base_model and not (Path(config.base_model) / "config.json").is_file():
+        problems.append(("base_model", f"not a model folder (no config.json): {config.base_model}"))
+    if problems:
+        lines = []
+        for key, message in problems:
+            line = _line_of(root, (key,))
+            where = f"{path}:{line}" if line else str(path)
+            lines.append(f"{where}: {key}: {message}")
+        raise ConfigError("\n".join(lines))
 
 
 def load_config(path: Path) -> TrainConfig:

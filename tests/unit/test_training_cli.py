@@ -24,9 +24,11 @@ def test_train_malformed_data_exits_2_before_loading_a_model(
     data = tmp_path / "t.jsonl"
     data.write_text('{"prompt": "q", "completion": "a"}\n{"prompt": "q"\n')
     config = tmp_path / "train.yaml"
-    # A base model folder that does not exist: the data error must come first.
+    # A base model folder that cannot load: the data error must come first.
+    (tmp_path / "broken-model").mkdir()
+    (tmp_path / "broken-model" / "config.json").write_text("{}")
     config.write_text(
-        f"name: a\ntrain_data: t.jsonl\nbase_model: {tmp_path / 'nope'}\n"
+        f"name: a\ntrain_data: t.jsonl\nbase_model: {tmp_path / 'broken-model'}\n"
         f"output_dir: {tmp_path / 'run'}\n"
     )
     assert main(["train", str(config)]) == 2
@@ -38,3 +40,18 @@ def test_eval_without_an_adapter_exits_2(
 ) -> None:
     assert main(["eval", str(tmp_path), "--data", str(tmp_path / "e.jsonl")]) == 2
     assert "no adapter_config.json" in capsys.readouterr().err
+
+
+def test_train_missing_files_exit_2_naming_the_key_before_any_task_trains(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "t.jsonl").write_text('{"prompt": "q", "completion": "a"}\n')
+    good = f"name: a\ntrain_data: t.jsonl\noutput_dir: {tmp_path / 'run-a'}\n"
+    (tmp_path / "a.yaml").write_text(good)
+    (tmp_path / "b.yaml").write_text(f"name: b\ntrain_data: t.jsonl\nbase_model: {tmp_path}\n")
+    tasks = tmp_path / "tasks.yaml"
+    tasks.write_text("tasks: [a.yaml, b.yaml]\n")
+    assert main(["train", str(tasks)]) == 2
+    assert f"{tmp_path / 'b.yaml'}:3: base_model: not a model folder" in capsys.readouterr().err
+    # The first task was not trained: every task's config is checked first.
+    assert not (tmp_path / "run-a").exists()

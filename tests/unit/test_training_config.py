@@ -37,13 +37,18 @@ BAD_CASES = [
         ":4: optim.schedule",
     ),
     ("not_a_mapping", "- a\n- b\n", "expected a mapping"),
+    ("missing_train_file", "name: a\ntrain_data: nope.jsonl\n", ":2: train_data: no such file"),
+    ("missing_eval_file", GOOD + "eval_data: e.jsonl\n", ":5: eval_data: no such file"),
+    ("base_not_a_model", GOOD + "base_model: /nonexistent\n", ":5: base_model: not a model folder"),
     ("bad_yaml", "name: [a\n", "invalid YAML"),
 ]
 
 
 def write(tmp_path: Path, text: str, name: str = "train.yaml") -> Path:
+    """Write a config, and GOOD's training data beside it."""
     path = tmp_path / name
-    path.parent.mkdir(parents=True, exist_ok=True)
+    (path.parent / "data").mkdir(parents=True, exist_ok=True)
+    (path.parent / "data" / "train.jsonl").write_text('{"prompt": "q", "completion": "a"}\n')
     path.write_text(text)
     return path
 
