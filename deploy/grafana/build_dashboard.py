@@ -30,11 +30,11 @@ def _target(expr: str, legend: str = "", ref: str = "A") -> dict[str, Any]:
 
 def _quantiles(metric: str, by: str, quantiles: tuple[float, ...], selector: str = SEL) -> list:
     group = f"{by}, le" if by else "le"
+    matchers = f"{{{selector}}}" if selector else ""
     legend_by = f" {{{{{by}}}}}" if by else ""
     return [
         _target(
-            f"histogram_quantile({q}, sum by ({group}) "
-            f"(rate({metric}_bucket{{{selector}}}{RATE})))",
+            f"histogram_quantile({q}, sum by ({group}) (rate({metric}_bucket{matchers}{RATE})))",
             f"p{round(q * 100)}{legend_by}",
             chr(ord("A") + i),
         )
