@@ -125,7 +125,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     # Under torchrun every rank runs this; rank 0 alone speaks.
     main_rank = launched_ranks().is_main
     try:
-        configs = load_configs(args.config)
+        configs = load_configs(args.config, _config_overrides(args))
         for config in configs:
             if main_rank:
                 print(f"training {config.name} → {config.run_dir}", file=sys.stderr)
@@ -163,6 +163,36 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+CONFIG_FLAG = "config:"
+
+
+def _add_config_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per TrainConfig key (`--optim.lr`), documented by the field's docstring."""
+    from loraplex.training.config import config_keys
+
+    group = parser.add_argument_group("config overrides")
+    for key, doc in config_keys().items():
+        group.add_argument(f"--{key}", dest=CONFIG_FLAG + key, metavar="VALUE", help=doc)
+
+
+def _config_overrides(args: argparse.Namespace) -> dict[str, typing.Any]:
+    import yaml
+
+    from loraplex.training.config import ConfigError
+
+    overrides: dict[str, typing.Any] = {}
+    for name, value in vars(args).items():
+        if not name.startswith(CONFIG_FLAG) or value is None:
+            continue
+        key = name.removeprefix(CONFIG_FLAG)
+        # YAML values, as in the file: numbers, booleans, null and lists need no extra syntax.
+        try:
+            overrides[key] = yaml.safe_load(value)
+        except yaml.YAMLError:
+            raise ConfigError(f"--{key}: not a YAML value: {value!r}") from None
+    return overrides
+
+
 def _add_training_commands(commands: typing.Any) -> None:
     train = commands.add_parser(
         "train",
@@ -170,9 +200,12 @@ def _add_training_commands(commands: typing.Any) -> None:
         description="Train one adapter per task config: data report, LoRA training with "
         "checkpoints (resumed when present), held-out evaluation against the base model, and "
         "an output folder holding the peft adapter, manifest.json, config.yaml, metrics.json "
-        "and loss.png. A file `tasks: [a/train.yaml, ...]` trains each listed task.",
+        "and loss.png. A file `tasks: [a/train.yaml, ...]` trains each listed task. Every "
+        "config key is also a flag overriding the file (for every listed task): values are "
+        "YAML, e.g. --optim.lr 1e-3 --lora.target_modules '[q_proj, v_proj]' --eval_data null.",
     )
     train.add_argument("config", type=Path, help="train.yaml, or a tasks file")
+    _add_config_flags(train)
     train.set_defaults(func=cmd_train)
 
     evaluate = commands.add_parser(

@@ -1,8 +1,10 @@
 """The training run configuration: one typed object that is also the YAML schema.
 
-A `train.yaml` is a `TrainConfig` written down. Unknown keys are errors that name
-the key and its line, data paths are relative to the YAML file, and every run
-writes its resolved config (`config.yaml`) beside its output.
+A `train.yaml` is a `TrainConfig` written down, and every field is also a
+`loraplex train` flag (`--optim.lr 1e-3`) that overrides the file. Unknown keys
+are errors that name the key and its line, data paths are relative to the YAML
+file (to the working directory when given as flags), and every run writes its
+resolved config (`config.yaml`) beside its output.
 """
 
 from __future__ import annotations
@@ -162,19 +164,66 @@ def _line_of(node: yaml.Node | None, loc: tuple[int | str, ...]) -> int | None:
     return line
 
 
-def _format_errors(path: Path, root: yaml.Node | None, error: ValidationError) -> str:
+Overrides = dict[str, Any]
+"""Config values from the command line, by dotted key: {"optim.lr": 0.001}."""
+
+
+def config_keys(model: type[BaseModel] = TrainConfig, prefix: str = "") -> dict[str, str]:
+    """Every settable dotted key of the config and its documentation: the train flags."""
+    keys: dict[str, str] = {}
+    for name, field in model.model_fields.items():
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, _Section):
+            keys |= config_keys(annotation, f"{prefix}{name}.")
+        else:
+            keys[prefix + name] = field.description or ""
+    return keys
+
+
+def _where(
+    path: Path, root: yaml.Node | None, loc: tuple[int | str, ...], overrides: Overrides
+) -> str:
+    """Where a value came from: its command-line flag, else `file:line`."""
+    for size in range(len(loc), 0, -1):
+        key = ".".join(str(part) for part in loc[:size])
+        if key in overrides:
+            return f"--{key}"
+    line = _line_of(root, loc)
+    return f"{path}:{line}" if line else str(path)
+
+
+def _message(where: str, field: str, message: str) -> str:
+    # A flag already names its field.
+    return f"{where}: {message}" if where == f"--{field}" else f"{where}: {field}: {message}"
+
+
+def _apply(data: dict[str, Any], overrides: Overrides) -> dict[str, Any]:
+    merged = dict(data)
+    for key, value in overrides.items():
+        *sections, name = key.split(".")
+        target = merged
+        for section in sections:
+            current = target.get(section)
+            target[section] = dict(current) if isinstance(current, dict) else {}
+            target = target[section]
+        target[name] = value
+    return merged
+
+
+def _format_errors(
+    path: Path, root: yaml.Node | None, error: ValidationError, overrides: Overrides
+) -> str:
     lines = []
     for item in error.errors():
         loc = tuple(item["loc"])
         field = ".".join(str(part) for part in loc) or "(top level)"
-        line = _line_of(root, loc)
-        where = f"{path}:{line}" if line else str(path)
+        where = _where(path, root, loc, overrides)
         if item["type"] == "extra_forbidden":
             lines.append(f"{where}: unknown key '{field}'")
         elif item["type"] == "missing":
             lines.append(f"{where}: missing required key '{field}'")
         else:
-            lines.append(f"{where}: {field}: {item['msg']}")
+            lines.append(_message(where, field, item["msg"]))
     return "\n".join(lines)
 
 
@@ -191,24 +240,34 @@ def _read_yaml(path: Path) -> tuple[Any, yaml.Node | None]:
         raise ConfigError(f"{where}: invalid YAML: {getattr(exc, 'problem', exc)}") from exc
 
 
-def config_from_dict(data: Any, path: Path, root: yaml.Node | None = None) -> TrainConfig:
-    """Validate `data` (read from `path`), resolving data paths relative to the file."""
+def config_from_dict(
+    data: Any, path: Path, root: yaml.Node | None = None, overrides: Overrides | None = None
+) -> TrainConfig:
+    """Validate `data` (read from `path`) with `overrides` applied.
+
+    Data paths from the file are relative to the file; those from flags are left
+    relative to the working directory, where the user typed them.
+    """
+    overrides = overrides or {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of config keys, got {type(data).__name__}")
     try:
-        config = TrainConfig.model_validate(data)
+        config = TrainConfig.model_validate(_apply(data, overrides))
     except ValidationError as exc:
-        raise ConfigError(_format_errors(path, root, exc)) from None
-    here = path.parent
-    updates: dict[str, Any] = {"train_data": here / config.train_data}
-    if config.eval_data is not None:
-        updates["eval_data"] = here / config.eval_data
+        raise ConfigError(_format_errors(path, root, exc, overrides)) from None
+    updates: dict[str, Any] = {}
+    for key in ("train_data", "eval_data"):
+        value = getattr(config, key)
+        if value is not None and key not in overrides:
+            updates[key] = path.parent / value
     config = config.model_copy(update=updates)
-    _check_paths(config, path, root)
+    _check_paths(config, path, root, overrides)
     return config
 
 
-def _check_paths(config: TrainConfig, path: Path, root: yaml.Node | None) -> None:
+def _check_paths(
+    config: TrainConfig, path: Path, root: yaml.Node | None, overrides: Overrides
+) -> None:
     """Missing files are config errors naming the key: found before any task trains."""
     problems: list[tuple[str, str]] = []
     for key in ("train_data", "eval_data"):
@@ -220,20 +279,21 @@ def _check_paths(config: TrainConfig, path: Path, root: yaml.Node | None) -> Non
     if problems:
         lines = []
         for key, message in problems:
-            line = _line_of(root, (key,))
-            where = f"{path}:{line}" if line else str(path)
-            lines.append(f"{where}: {key}: {message}")
+            lines.append(_message(_where(path, root, (key,), overrides), key, message))
         raise ConfigError("\n".join(lines))
 
 
-def load_config(path: Path) -> TrainConfig:
-    """Read one task's train.yaml."""
+def load_config(path: Path, overrides: Overrides | None = None) -> TrainConfig:
+    """Read one task's train.yaml, with command-line `overrides`."""
     data, root = _read_yaml(path)
-    return config_from_dict(data, path, root)
+    return config_from_dict(data, path, root, overrides)
 
 
-def load_configs(path: Path) -> list[TrainConfig]:
-    """Read a train.yaml, or a tasks file `{"tasks": [path, ...]}` listing several."""
+def load_configs(path: Path, overrides: Overrides | None = None) -> list[TrainConfig]:
+    """Read a train.yaml, or a tasks file `{"tasks": [path, ...]}` listing several.
+
+    `overrides` apply to every task.
+    """
     data, root = _read_yaml(path)
     if isinstance(data, dict) and set(data) == {"tasks"}:
         tasks = data["tasks"]
@@ -242,5 +302,5 @@ def load_configs(path: Path) -> list[TrainConfig]:
             raise ConfigError(f"{path}:{line}: 'tasks' must be a list of train.yaml paths")
         if not tasks:
             raise ConfigError(f"{path}: 'tasks' lists no task")
-        return [load_config(path.parent / task) for task in tasks]
-    return [config_from_dict(data, path, root)]
+        return [load_config(path.parent / task, overrides) for task in tasks]
+    return [config_from_dict(data, path, root, overrides)]
