@@ -17,12 +17,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import OrderedDict, defaultdict
+from collections import Counter, OrderedDict, defaultdict
 from dataclasses import dataclass
 from datetime import timezone
 from pathlib import Path
 from typing import Any
 
+import httpx
 from sqlalchemy.exc import SQLAlchemyError
 
 from loraplex.adapters.blob_store import BlobMissing, StoreUnavailable
@@ -86,6 +87,8 @@ class AdapterLoader:
         # One lock per adapter: concurrent first requests for one adapter load it once.
         self._locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
         self._label = LabelLimiter("adapter", MAX_ADAPTER_LABELS)
+        # Requests on their way to the backend, per backend name.
+        self._in_use: Counter[str] = Counter()
 
     @classmethod
     def from_settings(
@@ -152,6 +155,31 @@ class AdapterLoader:
         ]
 
     # ---- registration with the backend ---------------------------------------------------
+
+    async def send(
+        self, adapter: ServedAdapter | None, path: str, body: bytes, stream: bool
+    ) -> httpx.Response:
+        """Forward a request, registering its adapter first. While the request is on its way,
+        the adapter is in use and never unregistered to make room for another."""
+        if adapter is None:
+            return await self.backend.send(path, body, stream)
+        self._in_use[adapter.id] += 1
+        try:
+            await self.ensure_registered(adapter)
+            response = await self.backend.send(path, body, stream)
+            if response.status_code == 404:
+                # The backend lost the adapter (restarted, or unloaded by hand): re-register once.
+                await response.aclose()
+                self.forget(adapter)
+                await self.ensure_registered(adapter)
+                response = await self.backend.send(path, body, stream)
+            return response
+        finally:
+            # The backend resolved the name when it accepted the request (headers or the
+            # whole answer are back): unregistering it now no longer affects this request.
+            self._in_use[adapter.id] -= 1
+            if not self._in_use[adapter.id]:
+                del self._in_use[adapter.id]
 
     async def ensure_registered(self, adapter: ServedAdapter) -> None:
         if adapter.id in self._registered and self._files_present(adapter):
@@ -227,9 +255,16 @@ class AdapterLoader:
 
     async def _unregister_over_limit(self) -> None:
         while len(self._registered) > self.max_registered:
-            victim = next((name for name, pinned in self._registered.items() if not pinned), None)
+            victim = next(
+                (
+                    name
+                    for name, pinned in self._registered.items()
+                    if not pinned and not self._in_use[name]
+                ),
+                None,
+            )
             if victim is None:
-                return  # everything left is pinned
+                return  # everything left is pinned or in use; the next load tries again
             async with self._locks[victim]:
                 if self._registered.pop(victim, None) is None:
                     continue

@@ -65,16 +65,11 @@ def create_app(settings: ServeSettings, backend_url: str) -> FastAPI:
         adapter = loader.resolve(parsed.model)
         backend_name = adapter.id if adapter is not None else parsed.model
         if adapter is not None:
-            await loader.ensure_registered(adapter)
             body = request_with_model(body, backend_name, parsed.model)
         stream = bool(parsed.stream)
-        response = await backend.send(path, body, stream)
-        if response.status_code == 404 and adapter is not None:
-            # The backend lost the adapter (restarted, or unloaded by hand): re-register once.
-            await response.aclose()
-            loader.forget(adapter)
-            await loader.ensure_registered(adapter)
-            response = await backend.send(path, body, stream)
+        # Registers the adapter first (once, under its lock) and keeps it registered until
+        # the backend has accepted the request.
+        response = await loader.send(adapter, path, body, stream)
         if stream and response.status_code == 200:
             return StreamingResponse(
                 rename_model_stream(response.aiter_raw(), backend_name, parsed.model),
