@@ -175,7 +175,8 @@ def build() -> dict[str, Any]:
         "5xx error ratio",
         [
             _target(
-                f'sum(rate(loraplex_requests_total{{{SEL}, status=~"5.."}}{RATE})) '
+                # `or vector(0)`: no 5xx series yet reads 0 %, not "No data".
+                f'(sum(rate(loraplex_requests_total{{{SEL}, status=~"5.."}}{RATE})) or vector(0)) '
                 f"/ sum(rate(loraplex_requests_total{{{SEL}}}{RATE}))"
             )
         ],
