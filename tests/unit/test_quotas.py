@@ -1,0 +1,147 @@
+"""Quota arithmetic on a real SQLite database, and one limit shared by several processes."""
+
+from __future__ import annotations
+
+import multiprocessing
+from pathlib import Path
+
+import pytest
+
+from loraplex.database import create_db_engine, migrate
+from loraplex.router.quotas import QuotaExceeded, QuotaLedger
+from loraplex.router.tenancy_store import TenancyStore
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1_800_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture
+def store(tmp_path: Path, clock: Clock) -> TenancyStore:
+    engine = create_db_engine(f"sqlite:///{tmp_path}/loraplex.db")
+    migrate(engine)
+    store = TenancyStore(engine, clock=clock)
+    store.create_tenant("acme")  # id 1
+    store.create_tenant("globex")  # id 2
+    return store
+
+
+@pytest.fixture
+def ledger(store: TenancyStore, clock: Clock) -> QuotaLedger:
+    return QuotaLedger(store.engine, lease_s=600, clock=clock)
+
+
+def test_no_quota_no_state(ledger: QuotaLedger) -> None:
+    assert ledger.admit(1, "base") is None
+
+
+def test_requests_per_minute_bursts_then_refills(
+    store: TenancyStore, ledger: QuotaLedger, clock: Clock
+) -> None:
+    store.set_quota("acme", requests_per_minute=6)
+    for _ in range(6):
+        ledger.admit(1, "base")
+    with pytest.raises(QuotaExceeded) as caught:
+        ledger.admit(1, "base")
+    assert (caught.value.limit, caught.value.retry_after_s) == ("requests_per_minute", 10)
+    assert ledger.admit(2, "base") is None  # another tenant is unaffected
+    clock.now += 9
+    with pytest.raises(QuotaExceeded):
+        ledger.admit(1, "base")  # a refused request costs nothing, but 9 s is not enough
+    clock.now += 1
+    ledger.admit(1, "base")  # after Retry-After, exactly one more
+    with pytest.raises(QuotaExceeded):
+        ledger.admit(1, "base")
+    clock.now += 60
+    for _ in range(6):
+        ledger.admit(1, "base")  # a full minute refills the whole burst
+
+
+def test_tokens_are_charged_after_the_response(
+    store: TenancyStore, ledger: QuotaLedger, clock: Clock
+) -> None:
+    store.set_quota("acme", tokens_per_minute=1000)
+    admission = ledger.admit(1, "base")
+    assert admission is not None
+    ledger.settle(admission, 1500)  # the request that crosses the limit completes
+    with pytest.raises(QuotaExceeded) as caught:
+        ledger.admit(1, "base")
+    # 500 tokens over a 1000/min budget: 30 s until there is room again.
+    assert (caught.value.limit, caught.value.retry_after_s) == ("tokens_per_minute", 30)
+    clock.now += 30.5
+    ledger.settle(ledger.admit(1, "base"), 10)  # type: ignore[arg-type]
+
+
+def test_concurrency_leases_release_and_lapse(
+    store: TenancyStore, ledger: QuotaLedger, clock: Clock
+) -> None:
+    store.set_quota("acme", max_concurrent=2)
+    first, second = ledger.admit(1, "base"), ledger.admit(1, "base")
+    with pytest.raises(QuotaExceeded) as caught:
+        ledger.admit(1, "base")
+    assert caught.value.limit == "max_concurrent"
+    ledger.settle(first, 0)  # type: ignore[arg-type]
+    third = ledger.admit(1, "base")
+    assert third is not None and second is not None
+    # A worker that died never settles: its lease lapses after lease_s.
+    clock.now += 601
+    ledger.admit(1, "base")
+    ledger.admit(1, "base")
+
+
+def test_per_adapter_quota_applies_to_that_adapter_and_its_versions(
+    store: TenancyStore, ledger: QuotaLedger
+) -> None:
+    store.set_quota("acme", "acme/chat", requests_per_minute=1)
+    ledger.admit(1, "acme/chat")
+    with pytest.raises(QuotaExceeded):
+        ledger.admit(1, "acme/chat:v2")
+    with pytest.raises(QuotaExceeded):
+        ledger.admit(1, "acme/chat@prod")
+    assert ledger.admit(1, "acme/other") is None
+
+
+def test_a_refusal_by_one_quota_charges_no_other(store: TenancyStore, ledger: QuotaLedger) -> None:
+    store.set_quota("acme", requests_per_minute=2)
+    store.set_quota("acme", "acme/chat", max_concurrent=1)
+    ledger.admit(1, "acme/chat")
+    with pytest.raises(QuotaExceeded):
+        ledger.admit(1, "acme/chat")  # concurrency: the tenant's request count is not taken
+    ledger.admit(1, "base")  # so the second of the two per minute is still there
+
+
+def _admit_many(url: str, attempts: int, results: multiprocessing.Queue) -> None:
+    engine = create_db_engine(url)
+    ledger = QuotaLedger(engine, lease_s=600)
+    admitted = 0
+    for _ in range(attempts):
+        try:
+            ledger.admit(1, "base")
+            admitted += 1
+        except QuotaExceeded:
+            pass
+    results.put(admitted)
+
+
+def test_workers_share_one_limit(store: TenancyStore, tmp_path: Path) -> None:
+    """Four processes (router workers) race for 10 concurrency slots: exactly 10 win."""
+    store.set_quota("acme", max_concurrent=10)
+    url = f"sqlite:///{tmp_path}/loraplex.db"
+    context = multiprocessing.get_context("spawn")
+    results = context.Queue()
+    workers = [context.Process(target=_admit_many, args=(url, 8, results)) for _ in range(4)]
+    for worker in workers:
+        worker.start()
+    admitted = sum(results.get(timeout=120) for _ in workers)
+    for worker in workers:
+        worker.join(timeout=30)
+    assert admitted == 10

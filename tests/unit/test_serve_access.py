@@ -1,0 +1,89 @@
+"""The safe default of `loraplex serve`: no keys configured → loopback only, unless allowed."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+from tests.integration.conftest import free_port
+
+
+def _serve(tmp_path: Path, *flags: str) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    command = [
+        sys.executable, "-m", "loraplex.cli", "serve", "--port", str(port),
+        # A backend that is never reached: these checks happen before any model work.
+        "--backend-url", "http://127.0.0.1:9", "--base-model", str(tmp_path),
+        "--database-url", f"sqlite:///{tmp_path}/loraplex.db", "--adapters-dir", str(tmp_path),
+        *flags,
+    ]  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LORAPLEX_")}
+    process = subprocess.Popen(command, env=env, stderr=subprocess.PIPE, text=True)
+    return process, f"http://127.0.0.1:{port}"
+
+
+def _wait_health(process: subprocess.Popen, url: str) -> None:
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        assert process.poll() is None, process.stderr.read() if process.stderr else ""
+        try:
+            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            time.sleep(0.2)
+    raise AssertionError("router did not start")
+
+
+def _stop(process: subprocess.Popen) -> str:
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=30)
+    return stderr
+
+
+def test_refuses_open_access_on_a_public_address(tmp_path: Path) -> None:
+    process, _ = _serve(tmp_path, "--host", "0.0.0.0")
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 1
+    assert "refusing to serve without API keys on 0.0.0.0" in stderr
+    assert "LORAPLEX_ALLOW_OPEN_ACCESS" in stderr
+
+
+def test_public_address_serves_with_explicit_open_access(tmp_path: Path) -> None:
+    process, url = _serve(tmp_path, "--host", "0.0.0.0", "--allow-open-access", "true")
+    try:
+        _wait_health(process, url)
+        assert httpx.get(f"{url}/v1/models").status_code == 200
+    finally:
+        stderr = _stop(process)
+    assert "serving WITHOUT API keys on a non-loopback address" in stderr
+
+
+def test_loopback_serves_without_keys_and_says_so(tmp_path: Path) -> None:
+    process, url = _serve(tmp_path)
+    try:
+        _wait_health(process, url)
+        assert httpx.get(f"{url}/v1/models").status_code == 200
+    finally:
+        stderr = _stop(process)
+    assert "serving WITHOUT API keys on loopback" in stderr
+
+
+def test_public_address_with_a_tenant_requires_keys(tmp_path: Path) -> None:
+    database = ["--database-url", f"sqlite:///{tmp_path}/loraplex.db"]
+    subprocess.run(
+        [sys.executable, "-m", "loraplex.cli", "tenants", "create", "acme", *database], check=True
+    )
+    process, url = _serve(tmp_path, "--host", "0.0.0.0")
+    try:
+        _wait_health(process, url)
+        response = httpx.get(f"{url}/v1/models")
+        assert response.status_code == 401
+        assert response.json()["error"]["code"] == "invalid_api_key"
+    finally:
+        _stop(process)
