@@ -56,15 +56,12 @@ def write_task(tmp_path: Path) -> Path:
 def test_two_ranks_train_the_same_adapter_as_one_process(tmp_path: Path) -> None:
     config_path = write_task(tmp_path)
     ddp_out, single_out = tmp_path / "ddp", tmp_path / "single"
-    (tmp_path / "ddp.yaml").write_text(
-        config_path.read_text() + f"output_dir: {ddp_out / 'run'}\n"
-    )
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(name, None)
     launched = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         "-m", "loraplex.cli", "train", str(tmp_path / "ddp.yaml")],
+         "-m", "loraplex.cli", "train", str(config_path), "--output_dir", str(ddp_out / "run")],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert launched.returncode == 0, launched.stderr[-3000:]
