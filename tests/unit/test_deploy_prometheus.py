@@ -140,6 +140,11 @@ def test_label_values_in_queries_are_ones_the_router_emits():
     for _, expr in _all_queries():
         used.update(v for v in _matcher_values(expr, "result"))
     assert used and used <= emitted, (used, emitted)
+    # The label-overflow alert matches the value the router's label limiter reports.
+    from loraplex.router.metrics import OVERFLOW_LABEL
+
+    overflow = next(r for r in alert_rules() if r["alert"] == "LoraplexMetricLabelOverflow")
+    assert f'adapter="{OVERFLOW_LABEL}"' in overflow["expr"]
 
 
 def _literal_label_values(source: str, label: str) -> list[str]:
