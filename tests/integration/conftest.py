@@ -9,7 +9,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
@@ -67,6 +67,8 @@ class Server:
     model_dir: Path
     process: subprocess.Popen
     log_path: Path
+    env: dict[str, str] = field(default_factory=dict)
+    """The environment the server runs with: CLI commands given it reach the same registry."""
 
     @property
     def client(self) -> openai.OpenAI:
@@ -85,6 +87,14 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     port, backend_port = free_port(), free_port()
     log_path = tmp_path_factory.mktemp("logs") / "serve.log"
     env = dict(os.environ, LORAPLEX_ADAPTERS_DIR=str(adapters_dir))
+    # Its own adapter registry; fewer registrations than the registry test has adapters, so
+    # unregistering the least recently used is exercised too.
+    registry_dir = tmp_path_factory.mktemp("registry")
+    env.update(
+        LORAPLEX_REGISTRY_STORE=str(registry_dir / "store"),
+        LORAPLEX_REGISTRY_CACHE_DIR=str(registry_dir / "cache"),
+        LORAPLEX_MAX_BACKEND_ADAPTERS="16",
+    )
     command = [
         sys.executable, "-m", "loraplex.cli", "serve",
         "--port", str(port), "--backend-port", str(backend_port),
@@ -108,7 +118,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
             pytest.fail(f"loraplex serve not ready:\n{log_path.read_text()[-5000:]}")
         time.sleep(1)
     server = Server(
-        url, f"http://127.0.0.1:{backend_port}", adapters_dir, model_dir, process, log_path
+        url, f"http://127.0.0.1:{backend_port}", adapters_dir, model_dir, process, log_path, env
     )
     yield server
     # Clean shutdown is part of the contract: SIGTERM leaves no process behind.

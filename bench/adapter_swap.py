@@ -1,0 +1,225 @@
+"""Adapter hot-swap: cold vs warm first-request latency, and throughput with many adapters.
+
+Starts one `loraplex serve` (vLLM backend + router) with its own registry in a temp
+folder, publishes N seeded r=16 adapters of the embedded base (local store), then:
+
+- cold vs warm: for K adapters never requested before (in the store, not in the cache,
+  not in the engine), the latency of the first 1-token request, then of the same
+  request again; p50/p95 of cold, warm and their difference (fetch + hash verification
+  + registration + the engine's load).
+- throughput: R requests x T output tokens at concurrency C with a power-law
+  popularity (p_i ~ 1 / i^alpha) over all N adapters, vs uniform over 8 adapters.
+
+Prints a Markdown table and writes JSON (--out). Do not run it while others share the
+machine: it saturates the CPUs for minutes.
+
+Usage: python bench/adapter_swap.py [--adapters 200] [--cold 20] [--requests 256]
+       [--tokens 32] [--concurrency 16] [--alpha 0.5] [--max-loras 8] [--max-cpu-loras 32]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import torch
+from safetensors.torch import load_file, save_file
+
+from loraplex.adapters.blob_store import open_blob_store
+from loraplex.adapters.catalog import Catalog
+from loraplex.adapters.publish import PublishChecks, publish_adapter
+from loraplex.adapters.refs import parse_registry_name
+from loraplex.serving.base_model import pull_embedded_model
+from loraplex.training.demo_adapters import DemoAdapterSpec, build_demo_adapter
+
+RANK, STRENGTH = 16, 0.4
+PROMPT = "Describe a busy market in the morning."
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+def seeded_variant(template: Path, out: Path, seed: int) -> Path:
+    tensors = load_file(str(template / "adapter_model.safetensors"))
+    generator = torch.Generator().manual_seed(seed)
+    weights = {}
+    for name in sorted(tensors):
+        shape = tensors[name].shape
+        scale = 1 / shape[1] ** 0.5 if "lora_A" in name else STRENGTH / RANK**0.5
+        weights[name] = torch.randn(shape, generator=generator) * scale
+    out.mkdir(parents=True)
+    save_file(weights, str(out / "adapter_model.safetensors"))
+    shutil.copy(template / "adapter_config.json", out / "adapter_config.json")
+    return out
+
+
+def publish_fleet(work: Path, env: dict[str, str], count: int) -> list[str]:
+    base = pull_embedded_model()
+    template = build_demo_adapter(
+        base, DemoAdapterSpec("bench/template", RANK, 1000, STRENGTH), work / "template"
+    )
+    catalog = Catalog.open(env["LORAPLEX_DATABASE_URL"])
+    store = open_blob_store(env["LORAPLEX_REGISTRY_STORE"])
+    checks = PublishChecks(max_lora_rank=RANK, max_bytes=1 << 30)
+    names = []
+    for i in range(count):
+        name = f"bench/adapter-{i:04d}"
+        source = seeded_variant(template, work / "src" / str(i), seed=i + 1)
+        publish_adapter(source, parse_registry_name(name), catalog=catalog, store=store,
+                        checks=checks)  # fmt: skip
+        shutil.rmtree(source)
+        names.append(name)
+    return names
+
+
+def timed_request(client: httpx.Client, model: str, tokens: int = 1) -> float:
+    body = {"model": model, "prompt": PROMPT, "max_tokens": tokens, "temperature": 0}
+    started = time.perf_counter()
+    response = client.post("/v1/completions", json=body)
+    elapsed = time.perf_counter() - started
+    response.raise_for_status()
+    return elapsed
+
+
+async def throughput(url: str, models: list[str], args: argparse.Namespace) -> dict:
+    semaphore = asyncio.Semaphore(args.concurrency)
+    tokens = 0
+
+    async with httpx.AsyncClient(base_url=url, timeout=600) as client:
+
+        async def one(model: str) -> None:
+            nonlocal tokens
+            body = {"model": model, "prompt": PROMPT, "max_tokens": args.tokens,
+                    "temperature": 0, "ignore_eos": True}  # fmt: skip
+            async with semaphore:
+                response = await client.post("/v1/completions", json=body)
+            response.raise_for_status()
+            tokens += response.json()["usage"]["completion_tokens"]
+
+        started = time.perf_counter()
+        await asyncio.gather(*(one(m) for m in models))
+        elapsed = time.perf_counter() - started
+    return {"requests": len(models), "seconds": round(elapsed, 2),
+            "output_tok_s": round(tokens / elapsed, 1),
+            "distinct_adapters": len(set(models))}  # fmt: skip
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--adapters", type=int, default=200)
+    parser.add_argument("--cold", type=int, default=20)
+    parser.add_argument("--requests", type=int, default=256)
+    parser.add_argument("--tokens", type=int, default=32)
+    parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument("--alpha", type=float, default=0.5)
+    parser.add_argument("--max-loras", type=int, default=8)
+    parser.add_argument("--max-cpu-loras", type=int, default=32)
+    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--out", type=Path, default=Path("bench/results/adapter_swap.json"))
+    args = parser.parse_args()
+
+    work = Path(tempfile.mkdtemp(prefix="loraplex-bench-swap-"))
+    env = dict(
+        os.environ,
+        LORAPLEX_DATABASE_URL=f"sqlite:///{work}/loraplex.db",
+        LORAPLEX_REGISTRY_STORE=str(work / "store"),
+        LORAPLEX_REGISTRY_CACHE_DIR=str(work / "cache"),
+    )
+    print(f"publishing {args.adapters} adapters (r={RANK}) into {work}", file=sys.stderr)
+    names = publish_fleet(work, env, args.adapters)
+    port, backend_port = free_port(), free_port()
+    command = [
+        sys.executable, "-m", "loraplex.cli", "serve", "--port", str(port),
+        "--backend-port", str(backend_port), "--dtype", args.dtype,
+        "--max-loras", str(args.max_loras), "--max-cpu-loras", str(args.max_cpu_loras),
+        "--log-level", "warning",
+    ]  # fmt: skip
+    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 600
+        while True:
+            if process.poll() is not None or time.monotonic() > deadline:
+                print("loraplex serve did not become ready", file=sys.stderr)
+                return 1
+            try:
+                if httpx.get(f"{url}/ready", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(1)
+        results = run_measurements(url, names, args)
+    finally:
+        process.send_signal(signal.SIGINT)
+        try:
+            process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            process.kill()
+        shutil.rmtree(work, ignore_errors=True)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=2) + "\n")
+    print_table(results)
+    return 0
+
+
+def run_measurements(url: str, names: list[str], args: argparse.Namespace) -> dict:
+    with httpx.Client(base_url=url, timeout=600) as client:
+        for _ in range(3):  # warm the engine (base model path) first
+            timed_request(client, "SmolLM2-135M-Instruct")
+        cold_names = names[-args.cold :]
+        cold, warm = [], []
+        for name in cold_names:
+            cold.append(timed_request(client, name))
+            warm.append(timed_request(client, name))
+    added = [c - w for c, w in zip(cold, warm, strict=True)]
+    rng = random.Random(0)
+    weights = [1 / (i + 1) ** args.alpha for i in range(len(names))]
+    skewed = rng.choices(names, weights=weights, k=args.requests)
+    uniform = [names[i % 8] for i in range(args.requests)]
+    rng.shuffle(uniform)
+    ms = lambda values, q: round(1000 * percentile(values, q), 1)  # noqa: E731
+    return {
+        "settings": vars(args) | {"out": str(args.out)},
+        "cold_ms": {"p50": ms(cold, 0.5), "p95": ms(cold, 0.95)},
+        "warm_ms": {"p50": ms(warm, 0.5), "p95": ms(warm, 0.95)},
+        "cold_added_ms": {"p50": ms(added, 0.5), "p95": ms(added, 0.95)},
+        "uniform_8": asyncio.run(throughput(url, uniform, args)),
+        f"power_law_{len(names)}": asyncio.run(throughput(url, skewed, args)),
+    }
+
+
+def print_table(results: dict) -> None:
+    print("| first-request latency (1 token) | p50 ms | p95 ms |")
+    print("|---|---|---|")
+    for key in ("cold_ms", "warm_ms", "cold_added_ms"):
+        print(f"| {key[:-3]} | {results[key]['p50']} | {results[key]['p95']} |")
+    print("\n| workload | requests | distinct adapters | output tok/s |")
+    print("|---|---|---|---|")
+    for key, value in results.items():
+        if isinstance(value, dict) and "output_tok_s" in value:
+            print(f"| {key} | {value['requests']} | {value['distinct_adapters']} "
+                  f"| {value['output_tok_s']} |")  # fmt: skip
+
+
+if __name__ == "__main__":
+    sys.exit(main())
