@@ -14,6 +14,8 @@ import hashlib
 import hmac
 import ipaddress
 import logging
+import math
+import time
 from dataclasses import dataclass
 from typing import Literal
 
@@ -69,14 +71,27 @@ def unauthorized(message: str) -> APIError:
 
 
 class Authenticator:
-    def __init__(self, store: TenancyStore, admin_key: str, open_allowed: bool) -> None:
+    def __init__(
+        self, store: TenancyStore, admin_key: str, open_allowed: bool, recheck_s: float = 1.0
+    ) -> None:
         self.store = store
         # Compared by digest so the comparison time says nothing about the key.
         self._admin_digest = hashlib.sha256(admin_key.encode()).digest() if admin_key else None
         self.open_allowed = open_allowed
+        # Whether keys are required is re-read at most every `recheck_s`: open mode then
+        # costs no database query per request, and the first tenant closes it within a second.
+        self.recheck_s = recheck_s
+        self._required = True
+        self._checked_at = -math.inf
 
     def keys_required(self) -> bool:
-        return self._admin_digest is not None or self.store.keys_required()
+        if self._admin_digest is not None:
+            return True
+        now = time.monotonic()
+        if now - self._checked_at >= self.recheck_s:
+            self._required = self.store.keys_required()
+            self._checked_at = now
+        return self._required
 
     def authenticate(self, authorization: str | None) -> Principal:
         """The caller behind an Authorization header, or a 401 APIError.
@@ -88,25 +103,21 @@ class Authenticator:
             digest = hashlib.sha256(key.encode()).digest()
             if hmac.compare_digest(digest, self._admin_digest):
                 return Principal("admin")
-        rejection: str | None = None
-        if key:
-            try:
-                owner = self.store.authenticate(key)
-            except KeyRejected as exc:
-                rejection = str(exc)
-            else:
-                role: Literal["admin", "tenant"] = "admin" if owner.tenant_id is None else "tenant"
-                return Principal(role, owner.tenant, owner.tenant_id, owner.prefix)
         if not self.keys_required():
             if self.open_allowed:
                 # Clients must send some key (the openai SDK insists); in open mode it is ignored.
                 return ANONYMOUS
             raise unauthorized("No API keys are configured and open access is not allowed.")
-        if rejection:
-            raise unauthorized(rejection)
-        if authorization:
-            raise unauthorized("Malformed Authorization header: expected 'Bearer <key>'.")
-        raise unauthorized("Missing API key: send 'Authorization: Bearer <key>'.")
+        if not key:
+            if authorization:
+                raise unauthorized("Malformed Authorization header: expected 'Bearer <key>'.")
+            raise unauthorized("Missing API key: send 'Authorization: Bearer <key>'.")
+        try:
+            owner = self.store.authenticate(key)
+        except KeyRejected as exc:
+            raise unauthorized(str(exc)) from None
+        role: Literal["admin", "tenant"] = "admin" if owner.tenant_id is None else "tenant"
+        return Principal(role, owner.tenant, owner.tenant_id, owner.prefix)
 
 
 def _bearer_token(authorization: str | None) -> str | None:

@@ -121,7 +121,7 @@ def test_expiry_iso_times_and_errors() -> None:
 
 
 def test_open_until_the_first_tenant_then_keys_required(store: TenancyStore) -> None:
-    auth = Authenticator(store, admin_key="", open_allowed=True)
+    auth = Authenticator(store, admin_key="", open_allowed=True, recheck_s=0)
     assert auth.authenticate(None).role == "anonymous"
     assert auth.authenticate("Bearer whatever-the-sdk-sends").role == "anonymous"
     store.create_tenant("acme")
@@ -135,7 +135,7 @@ def test_open_until_the_first_tenant_then_keys_required(store: TenancyStore) -> 
 
 
 def test_admin_key_setting_and_admin_keys_in_the_database(store: TenancyStore) -> None:
-    auth = Authenticator(store, admin_key="s3cret-admin", open_allowed=True)
+    auth = Authenticator(store, admin_key="s3cret-admin", open_allowed=True, recheck_s=0)
     assert auth.authenticate("Bearer s3cret-admin").role == "admin"
     with pytest.raises(APIError):
         auth.authenticate(None)  # an admin key closes open mode
