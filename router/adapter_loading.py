@@ -44,7 +44,7 @@ from loraplex.router.metrics import (
 
 log = logging.getLogger(__name__)
 
-# Distinct adapter label values on the load metrics; the rest count as `other`.
+# Distinct adapter label values on the load metrics by default; the rest count as `other`.
 MAX_ADAPTER_LABELS = 200
 
 
@@ -75,6 +75,7 @@ class AdapterLoader:
         registry: Registry | None = None,
         max_registered: int = 64,
         pinned: frozenset[str] = frozenset(),
+        max_labels: int = MAX_ADAPTER_LABELS,
     ) -> None:
         self.store = store
         self.backend = backend
@@ -86,7 +87,7 @@ class AdapterLoader:
         self._registered: OrderedDict[str, bool] = OrderedDict()
         # One lock per adapter: concurrent first requests for one adapter load it once.
         self._locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
-        self._label = LabelLimiter("adapter", MAX_ADAPTER_LABELS)
+        self._label = LabelLimiter("adapter", max_labels)
         # Requests on their way to the backend, per backend name.
         self._in_use: Counter[str] = Counter()
 
@@ -101,6 +102,7 @@ class AdapterLoader:
         return cls(
             store, backend, settings.base_model_name, registry,
             max_registered=settings.max_backend_adapters, pinned=pinned,
+            max_labels=settings.metrics_max_label_values,
         )  # fmt: skip
 
     # ---- resolution ----------------------------------------------------------------------
