@@ -1,0 +1,75 @@
+"""Router wiring that needs no engine: readiness checks the database, /metrics without a
+backend, and the bound on adapter label values."""
+
+from __future__ import annotations
+
+import socket
+import uuid
+from pathlib import Path
+
+from fastapi.testclient import TestClient
+from sqlalchemy import create_engine
+
+from loraplex.router.api_guard import APIGuard
+from loraplex.router.app import create_app
+from loraplex.settings import ServeSettings
+
+
+def _closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _app(tmp_path: Path, adapters: list[str], **settings: object) -> TestClient:
+    for name in adapters:
+        folder = tmp_path / "adapters" / name
+        folder.mkdir(parents=True)
+        (folder / "adapter_config.json").write_text("{}")
+        (folder / "adapter_model.safetensors").write_bytes(b"")
+    config = ServeSettings(
+        adapters_dir=tmp_path / "adapters", base_model_name="base",
+        database_url=f"sqlite:///{tmp_path}/loraplex.db", **settings,  # type: ignore[arg-type]
+    )  # fmt: skip
+    return TestClient(create_app(config, f"http://127.0.0.1:{_closed_port()}"))
+
+
+def test_ready_is_503_when_the_database_is_unreachable(tmp_path: Path) -> None:
+    with _app(tmp_path, []) as client:
+        guard = next(m for m in client.app.user_middleware if m.cls is APIGuard)
+        store = guard.kwargs["authenticator"].store
+        store.engine = create_engine(f"sqlite:///{tmp_path}/missing-dir/loraplex.db")
+        response = client.get("/ready")
+        assert response.status_code == 503
+        assert response.json()["error"]["code"] == "database_unavailable"
+
+
+def test_metrics_without_a_backend(tmp_path: Path) -> None:
+    with _app(tmp_path, []) as client:
+        text = client.get("/metrics").text
+        assert "loraplex_backend_up 0.0" in text
+        response = client.get("/metrics/backend")
+        assert response.status_code == 503
+        assert response.json()["error"]["type"] == "service_unavailable_error"
+
+
+def test_adapter_labels_are_bounded_and_made_up_names_do_not_count(tmp_path: Path) -> None:
+    tenant = f"t{uuid.uuid4().hex[:8]}"  # the metric registry is global to the process
+    names = [f"{tenant}/a", f"{tenant}/b", f"{tenant}/c"]
+    with _app(tmp_path, names, metrics_max_label_values=3) as client:
+        for model in [f"{tenant}/made-up", *names]:
+            client.post("/v1/completions", json={"model": model, "prompt": "x"})
+        text = client.get("/metrics").text
+    # The base model holds one place; 404s never take one; a and b take the other two.
+    assert f'adapter="{tenant}/made-up"' not in text  # in no metric at all
+    assert (
+        f'loraplex_requests_total{{adapter="{tenant}/a",status="503",tenant="anonymous"}} 1.0'
+        in text
+    )
+    assert (
+        f'loraplex_requests_total{{adapter="{tenant}/b",status="503",tenant="anonymous"}} 1.0'
+        in text
+    )
+    assert f'loraplex_requests_total{{adapter="{tenant}/c"' not in text
+    assert 'loraplex_requests_total{adapter="other",status="503",tenant="anonymous"}' in text
+    assert 'loraplex_requests_total{adapter="unknown",status="404",tenant="anonymous"}' in text
