@@ -157,3 +157,21 @@ def test_unknown_version_is_404_and_bad_names_400(server: Server, fleet: Fleet):
     assert complete(server, f"{fleet.names[0]}@nope").status_code == 404
     assert complete(server, f"{fleet.names[0]}@../x").status_code == 400
     assert complete(server, "fleet0/../adapter-0").status_code == 400
+
+
+def test_stock_vllm_resolves_a_version_id_through_the_plugin(server: Server, fleet: Fleet):
+    """Straight to the backend, no router: vLLM asks the plugin's resolver, which fetches
+    and verifies the version into the cache on first request."""
+    catalog = Catalog.open(server.env["LORAPLEX_DATABASE_URL"])
+    store = open_blob_store(server.env["LORAPLEX_REGISTRY_STORE"])
+    source = seeded_variant(fleet.sources["v1"], fleet.sources["v1"].parent / "direct", 7001)
+    checks = PublishChecks(16, 1 << 30)
+    record, _ = publish_adapter(
+        source, parse_registry_name("acme/direct"), catalog=catalog, store=store, checks=checks
+    )
+    body = {"model": record.version_id, "prompt": PROMPT, "max_tokens": 12, "temperature": 0}
+    direct = httpx.post(f"{server.backend_url}/v1/completions", json=body, timeout=600)
+    assert direct.status_code == 200, direct.text
+    assert direct.json()["choices"][0]["text"] == answer(server, "acme/direct")
+    unknown = dict(body, model="lpx-" + "0" * 64)
+    assert httpx.post(f"{server.backend_url}/v1/completions", json=unknown).status_code == 404
