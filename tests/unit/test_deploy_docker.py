@@ -112,7 +112,10 @@ def test_router_role_needs_a_backend_url(monkeypatch, tmp_path):
     with pytest.raises(SystemExit, match="LORAPLEX_BACKEND_URL"):
         entrypoint.router_command()
     monkeypatch.setenv("LORAPLEX_BACKEND_URL", "http://backend:8100")
-    monkeypatch.delenv("LORAPLEX_HOST", raising=False)
+    # router_command() sets LORAPLEX_HOST in os.environ: setenv first so that monkeypatch
+    # removes it again afterwards (a leaked 0.0.0.0 makes later routers refuse to start).
+    monkeypatch.setenv("LORAPLEX_HOST", "unset")
+    monkeypatch.delenv("LORAPLEX_HOST")
     assert entrypoint.router_command() == ["loraplex", "serve"]
     assert os.environ["LORAPLEX_HOST"] == "0.0.0.0"
 
