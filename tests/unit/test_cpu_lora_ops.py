@@ -137,3 +137,38 @@ def test_prepared_weights_follow_in_place_slot_reloads_and_slot_changes() -> Non
     assert not torch.allclose(second[1], first[1])
     third = step([(i % 3) + 4 for i in range(12)])  # other slots active
     torch.testing.assert_close(third[1], third[0], **close)
+
+
+def _logits_case(nonzero_slot: int | None):
+    slots = [i % MAX_LORAS for i in range(16)]
+    ref, new = _wrappers(slots, prefill=False)
+    gen = torch.Generator().manual_seed(7)
+    vocab, hidden, rank = 1024, 64, 8
+    lora_a = torch.randn(MAX_LORAS, 1, rank, hidden, generator=gen)
+    lora_b = torch.zeros(MAX_LORAS, 1, vocab, rank)
+    if nonzero_slot is not None:
+        lora_b[nonzero_slot] = torch.randn(1, vocab, rank, generator=gen)
+    x = torch.randn(16, hidden, generator=gen)
+    logits = torch.randn(16, vocab, generator=gen)
+    return ref, new, lora_a, lora_b, x, logits
+
+
+@pytest.mark.parametrize("nonzero_slot", [None, 5])
+def test_lm_head_lora_matches_vllm_and_is_skipped_only_while_all_zero(nonzero_slot) -> None:
+    ref, new, lora_a, lora_b, x, logits = _logits_case(nonzero_slot)
+    expected, got = logits.clone(), logits.clone()
+    ref.add_lora_logits(expected, x, lora_a, lora_b, 1.0)
+    new.add_lora_logits(got, x, lora_a, lora_b, 1.0)
+    torch.testing.assert_close(got, expected)
+    assert torch.equal(got, logits) == (nonzero_slot is None)
+
+
+def test_lm_head_lora_loaded_into_a_slot_later_is_applied() -> None:
+    ref, new, lora_a, lora_b, x, logits = _logits_case(None)
+    new.add_lora_logits(logits.clone(), x, lora_a, lora_b, 1.0)  # caches "all zero"
+    lora_b[2].copy_(torch.ones(1, lora_b.shape[2], lora_b.shape[3]))  # a slot load, in place
+    expected, got = logits.clone(), logits.clone()
+    ref.add_lora_logits(expected, x, lora_a, lora_b, 1.0)
+    new.add_lora_logits(got, x, lora_a, lora_b, 1.0)
+    torch.testing.assert_close(got, expected)
+    assert not torch.equal(got, logits)
