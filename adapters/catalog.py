@@ -93,6 +93,20 @@ class AdapterRecord:
     versions: tuple[VersionRecord, ...]
     aliases: dict[str, int] = field(default_factory=dict)
 
+    def to_json(self) -> dict[str, Any]:
+        """The view `adapters list --json` prints and `GET /admin/adapters` returns."""
+        return {
+            "name": self.name,
+            "tenant": self.tenant,
+            "aliases": self.aliases,
+            "versions": [
+                {"version": f"v{v.number}", "id": v.version_id, "sha256": v.digest,
+                 "size_bytes": v.size_bytes, "published_at": v.published_at.isoformat() + "Z",
+                 "aliases": list(v.aliases)}
+                for v in self.versions
+            ],
+        }  # fmt: skip
+
 
 @dataclass(frozen=True)
 class DeleteResult:

@@ -12,7 +12,8 @@ from typing import Any
 
 from loraplex.adapters.blob_cache import BlobCache
 from loraplex.adapters.blob_store import BlobStore, open_blob_store
-from loraplex.adapters.catalog import Catalog
+from loraplex.adapters.catalog import Catalog, DeleteResult
+from loraplex.adapters.names import AdapterName
 
 GIB = 1 << 30
 
@@ -54,3 +55,12 @@ class Registry:
             store,
             BlobCache(config.cache_dir, store, config.cache_bytes),
         )
+
+    def delete_version(self, name: AdapterName, number: int, force: bool = False) -> DeleteResult:
+        """Delete one version from the catalog, then its blob if no version uses it any more."""
+        result = self.catalog.delete_version(name, number, force=force)
+        if result.blob_unreferenced:
+            # After the catalog commit: a failure here leaves an unreferenced blob, never
+            # a version without its files.
+            self.store.delete(result.deleted.digest)
+        return result

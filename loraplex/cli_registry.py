@@ -151,7 +151,7 @@ def cmd_list(args: argparse.Namespace) -> int:
     def action() -> int:
         adapters = _open(args).catalog.list_adapters(args.tenant)
         if args.json:
-            print(json.dumps([_adapter_json(a) for a in adapters], indent=2))
+            print(json.dumps([a.to_json() for a in adapters], indent=2))
             return 0
         if not adapters:
             print("no adapters" + (f" for tenant {args.tenant}" if args.tenant else ""))
@@ -166,20 +166,6 @@ def cmd_list(args: argparse.Namespace) -> int:
         return 0
 
     return _run(args, action)
-
-
-def _adapter_json(adapter: typing.Any) -> dict:
-    return {
-        "name": adapter.name,
-        "tenant": adapter.tenant,
-        "aliases": adapter.aliases,
-        "versions": [
-            {"version": f"v{v.number}", "id": v.version_id, "sha256": v.digest,
-             "size_bytes": v.size_bytes, "published_at": v.published_at.isoformat() + "Z",
-             "aliases": list(v.aliases)}
-            for v in adapter.versions
-        ],
-    }  # fmt: skip
 
 
 def cmd_alias(args: argparse.Namespace) -> int:
@@ -219,15 +205,10 @@ def cmd_delete(args: argparse.Namespace) -> int:
         if ref.version is None:
             _err(f"{args.ref!r}: name the version to delete, e.g. {ref.name}:v1")
             return EXIT_REFUSED
-        registry = _open(args)
-        result = registry.catalog.delete_version(ref.name, ref.version, force=args.force)
+        result = _open(args).delete_version(ref.name, ref.version, force=args.force)
         for alias, target in result.aliases_moved.items():
             where = f"moved to v{target}" if target is not None else "removed"
             print(f"  @{alias} {where}", file=sys.stderr)
-        if result.blob_unreferenced:
-            # After the catalog commit: a failure here leaves an unreferenced blob, never
-            # a version without its files.
-            registry.store.delete(result.deleted.digest)
         print(f"deleted {result.deleted.ref}")
         return 0
 

@@ -14,6 +14,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from loraplex.adapters.local_store import LocalAdapter, LocalAdapterStore
 from loraplex.router.adapter_loading import AdapterLoader
+from loraplex.router.admin_adapters_api import admin_adapters_router
 from loraplex.router.backend_client import BackendClient, error_detail
 from loraplex.router.errors import APIError, error_body, error_response
 from loraplex.router.metrics import BACKEND_UP
@@ -42,6 +43,8 @@ def create_app(settings: ServeSettings, backend_url: str) -> FastAPI:
 
     app = FastAPI(title="loraplex", version="0.1.0", lifespan=lifespan)
     tenancy.install(app)  # auth, access, quotas, per-request metrics, /admin
+    if loader.registry is not None:
+        app.include_router(admin_adapters_router(loader.registry))
     app.add_middleware(RequestLogMiddleware)
     app.include_router(metrics_router(backend_url))
 

@@ -1,0 +1,104 @@
+"""Admin HTTP endpoints for registry adapters: list, alias, rollback, delete (admin keys only).
+
+The same operations as `loraplex adapters list|alias|rollback|delete`, so an operator
+can manage adapters without shell access to the catalog. Publishing stays a CLI step:
+it validates and uploads a folder of files. Changes take effect on the next request
+(the router resolves names against the catalog per request).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from fastapi import APIRouter, Depends, Request
+from pydantic import Field
+from sqlalchemy.exc import SQLAlchemyError
+from starlette.concurrency import run_in_threadpool
+
+from loraplex.adapters.blob_store import StoreUnavailable
+from loraplex.adapters.catalog import CatalogConflict, CatalogLookupError
+from loraplex.adapters.names import InvalidAdapterName
+from loraplex.adapters.refs import parse_adapter_ref, parse_registry_name, parse_version
+from loraplex.adapters.registry import Registry
+from loraplex.router.admin_api import _Body, _parse, require_admin
+from loraplex.router.errors import APIError
+
+
+class AliasSet(_Body):
+    version: str = Field(min_length=2)
+    """The version the alias points at: `v1`, `v2`, …"""
+
+
+async def _registry_call(function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """Run a blocking registry call; registry errors become API errors."""
+    try:
+        return await run_in_threadpool(function, *args, **kwargs)
+    except InvalidAdapterName as exc:
+        raise APIError(400, str(exc), param="name") from None
+    except CatalogLookupError as exc:
+        raise APIError(404, str(exc), param="name", code="not_found") from None
+    except CatalogConflict as exc:
+        raise APIError(409, str(exc), param="name", code="conflict") from None
+    except (StoreUnavailable, SQLAlchemyError) as exc:
+        raise APIError(503, f"Registry unavailable: {exc}", code="registry_unavailable") from None
+
+
+def _name(tenant: str, name: str) -> Any:
+    try:
+        return parse_registry_name(f"{tenant}/{name}")
+    except InvalidAdapterName as exc:
+        raise APIError(400, str(exc), param="name") from None
+
+
+def _version(text: str) -> int:
+    try:
+        return parse_version(text)
+    except InvalidAdapterName as exc:
+        raise APIError(400, str(exc), param="version") from None
+
+
+def admin_adapters_router(registry: Registry) -> APIRouter:
+    router = APIRouter(prefix="/admin/adapters", dependencies=[Depends(require_admin)])
+    catalog = registry.catalog
+
+    @router.get("")
+    async def list_adapters(tenant: str | None = None) -> dict:
+        adapters = await _registry_call(catalog.list_adapters, tenant)
+        return {"data": [adapter.to_json() for adapter in adapters]}
+
+    @router.put("/{tenant}/{name}/aliases/{alias}")
+    async def set_alias(tenant: str, name: str, alias: str, request: Request) -> dict:
+        try:  # the same name and alias rules as a request's `model`
+            ref = parse_adapter_ref(f"{tenant}/{name}@{alias}")
+        except InvalidAdapterName as exc:
+            raise APIError(400, str(exc), param="alias") from None
+        adapter = _name(tenant, name)
+        body: AliasSet = await _parse(request, AliasSet)
+        number = _version(body.version)
+        previous = await _registry_call(catalog.set_alias, adapter, ref.alias, number)
+        return {
+            "adapter": str(adapter), "alias": alias, "version": f"v{number}",
+            "previous": f"v{previous}" if previous is not None else None,
+        }  # fmt: skip
+
+    @router.post("/{tenant}/{name}/rollback")
+    async def rollback(tenant: str, name: str) -> dict:
+        adapter = _name(tenant, name)
+        old, new = await _registry_call(catalog.rollback, adapter)
+        return {"adapter": str(adapter), "alias": "latest", "version": f"v{new}",
+                "previous": f"v{old}"}  # fmt: skip
+
+    @router.delete("/{tenant}/{name}/versions/{version}")
+    async def delete_version(tenant: str, name: str, version: str, force: bool = False) -> dict:
+        adapter = _name(tenant, name)
+        result = await _registry_call(registry.delete_version, adapter, _version(version), force)
+        return {
+            "deleted": result.deleted.ref,
+            "aliases_moved": {
+                alias: (f"v{target}" if target is not None else None)
+                for alias, target in result.aliases_moved.items()
+            },
+        }
+
+    return router
