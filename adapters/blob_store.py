@@ -93,7 +93,7 @@ class LocalBlobStore:
             raise BlobMissing(f"blob {digest[:12]} is not in the store {self.root}")
         for file in blob.iterdir():
             if file.is_file():
-                shutil.copyfile(file, target / file.name)
+                _link_or_copy(file, target / file.name)
 
     def delete(self, digest: str) -> None:
         blob = self._blob(digest)
@@ -103,6 +103,19 @@ class LocalBlobStore:
             with contextlib.suppress(FileNotFoundError):
                 os.rename(blob, trash)
                 shutil.rmtree(trash, ignore_errors=True)
+
+
+def _link_or_copy(source: Path, target: Path) -> None:
+    """Hard-link a blob file into the cache (blobs are immutable), copy across filesystems.
+
+    A cold adapter load spends its time reading: linking saves one full copy of the
+    weights (~10 ms for an r=16 adapter of the embedded base); the cache still verifies
+    every file's hash, so a corrupted store file is caught either way.
+    """
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copyfile(source, target)
 
 
 class S3BlobStore:
