@@ -10,6 +10,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.background import BackgroundTask
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from loraplex.adapters.local_store import LocalAdapter, LocalAdapterStore
@@ -65,7 +66,13 @@ def create_app(settings: ServeSettings, backend_url: str) -> FastAPI:
         body = await request.body()
         parsed = parse_request(body, schema)
         request.state.model = parsed.model
-        adapter = loader.resolve(parsed.model)
+        # Adapter names hit the catalog: off the event loop, so a slow database (a remote
+        # PostgreSQL) delays only this request, never the others being served.
+        adapter = (
+            None
+            if parsed.model == settings.base_model_name
+            else await run_in_threadpool(loader.resolve, parsed.model)
+        )
         backend_name = adapter.id if adapter is not None else parsed.model
         if adapter is not None:
             body = request_with_model(body, backend_name, parsed.model)
