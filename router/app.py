@@ -35,6 +35,10 @@ def create_app(settings: ServeSettings, backend_url: str) -> FastAPI:
     loader = AdapterLoader.from_settings(settings, store, backend)
     started_at = int(time.time())
     tenancy = Tenancy.from_settings(settings)
+    # Adapter names hit the catalog on every request. A local SQLite query (~0.1 ms)
+    # costs less than a hop to the threadpool (measured +0.4 ms p50 per request); a
+    # database over the network runs off the event loop so it never stalls the others.
+    catalog_is_local = settings.resolved_database_url().startswith("sqlite")
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -66,13 +70,12 @@ def create_app(settings: ServeSettings, backend_url: str) -> FastAPI:
         body = await request.body()
         parsed = parse_request(body, schema)
         request.state.model = parsed.model
-        # Adapter names hit the catalog: off the event loop, so a slow database (a remote
-        # PostgreSQL) delays only this request, never the others being served.
-        adapter = (
-            None
-            if parsed.model == settings.base_model_name
-            else await run_in_threadpool(loader.resolve, parsed.model)
-        )
+        if parsed.model == settings.base_model_name:
+            adapter = None
+        elif catalog_is_local:
+            adapter = loader.resolve(parsed.model)
+        else:
+            adapter = await run_in_threadpool(loader.resolve, parsed.model)
         backend_name = adapter.id if adapter is not None else parsed.model
         if adapter is not None:
             body = request_with_model(body, backend_name, parsed.model)
