@@ -52,6 +52,9 @@ class LoRAGroups:
     past the end, at a zero row."""
     num_tokens: int
     """Rows in the batch, with or without a LoRA."""
+    in_order: bool = False
+    """Every row uses a LoRA and the batch is already grouped by slot with no padding
+    (one adapter, or requests queued adapter by adapter): no gathers needed."""
 
     @property
     def computed_rows(self) -> int:
@@ -81,6 +84,9 @@ class LoRAGroups:
             position, gather_rows = torch.arange(n), rows
         inverse = torch.full((token_slots.numel(),), gather_rows.numel(), dtype=torch.long)
         inverse[rows] = position
+        in_order = gather_rows.numel() == token_slots.numel() and bool(
+            torch.equal(gather_rows, torch.arange(gather_rows.numel()))
+        )
         return LoRAGroups(
             slots=slots,
             counts=counts,
@@ -89,6 +95,7 @@ class LoRAGroups:
             gather_rows=gather_rows,
             inverse=inverse,
             num_tokens=token_slots.numel(),
+            in_order=in_order,
         )
 
 
@@ -145,16 +152,28 @@ def add_grouped_lora(
     groups: LoRAGroups, y: torch.Tensor, x: torch.Tensor, weights: PreparedLoRAWeights
 ) -> None:
     """y[:, :sum of widths] += (x @ A^T * scale) @ B^T with each row's own slot, in place."""
-    k, rows, width = len(groups.counts), groups.computed_rows, weights.b.shape[-1]
-    xs = x.index_select(0, groups.gather_rows)
+    rows, width = groups.computed_rows, weights.b.shape[-1]
+    if groups.in_order:  # rows are already grouped: no gather in, no gather out
+        out = torch.empty(rows, width, dtype=y.dtype)
+        _grouped_delta(groups, x, weights, out)
+        y[:, :width].add_(out)
+        return
     out = torch.empty(rows + 1, width, dtype=y.dtype)
     out[rows].zero_()  # the row that batch rows without a LoRA read
-    if groups.use_bmm:
-        shrunk = torch.bmm(xs.view(k, groups.widest, -1), weights.a)
-        torch.bmm(shrunk, weights.b, out=out[:rows].view(k, groups.widest, width))
-    else:
-        start = 0
-        for count, a, b in zip(groups.counts, weights.a, weights.b, strict=True):
-            torch.mm(xs[start : start + count] @ a, b, out=out[start : start + count])
-            start += count
+    _grouped_delta(groups, x.index_select(0, groups.gather_rows), weights, out[:rows])
     y[:, :width].add_(out.index_select(0, groups.inverse))
+
+
+def _grouped_delta(
+    groups: LoRAGroups, xs: torch.Tensor, weights: PreparedLoRAWeights, out: torch.Tensor
+) -> None:
+    """out = the LoRA deltas of `xs`, whose rows are in grouped (and padded) order."""
+    if groups.use_bmm:
+        k, width = len(groups.counts), out.shape[-1]
+        shrunk = torch.bmm(xs.view(k, groups.widest, -1), weights.a)
+        torch.bmm(shrunk, weights.b, out=out.view(k, groups.widest, width))
+        return
+    start = 0
+    for count, a, b in zip(groups.counts, weights.a, weights.b, strict=True):
+        torch.mm(xs[start : start + count] @ a, b, out=out[start : start + count])
+        start += count

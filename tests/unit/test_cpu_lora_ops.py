@@ -31,6 +31,10 @@ def _slots(kind: str, tokens: int) -> list[int]:
         return [3] * tokens
     if kind == "unbalanced":  # one long prefill next to a few decode tokens
         return [2] * (tokens - 3) + [0, -1, 5]
+    if kind == "in-order-equal":  # requests queued adapter by adapter: no gathers
+        return [i * 4 // tokens for i in range(tokens)]
+    if kind == "in-order-skewed":
+        return [1] * (tokens - 2) + [4, 6]
     raise ValueError(kind)
 
 
@@ -61,7 +65,10 @@ def _weights(rank, in_size, slices, dtype, empty_last):
 
 @pytest.mark.parametrize("projection", sorted(PROJECTIONS))
 @pytest.mark.parametrize("rank", [8, 16])
-@pytest.mark.parametrize("kind", ["uniform-all", "mixed-with-base", "single", "unbalanced"])
+@pytest.mark.parametrize(
+    "kind",
+    ["uniform-all", "mixed-with-base", "single", "unbalanced", "in-order-equal", "in-order-skewed"],
+)
 @pytest.mark.parametrize("prefill", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_add_lora_linear_matches_vllm(projection, rank, kind, prefill, dtype) -> None:
@@ -109,6 +116,14 @@ def test_grouping_chooses_bmm_for_balanced_and_loop_for_skewed_batches() -> None
     assert skewed.gather_rows.tolist() == [30, *range(30), 31]
     assert skewed.inverse.tolist() == [*range(1, 31), 0, 31]
     assert LoRAGroups.from_token_slots(torch.tensor([-1, -1])) is None
+
+
+def test_batches_already_grouped_by_slot_skip_the_gathers() -> None:
+    in_order = LoRAGroups.from_token_slots(torch.tensor([0, 0, 3, 3, 5, 5]))
+    assert in_order is not None and in_order.in_order
+    for slots in ([3, 0, 0], [0, 0, -1], [0, 0, 0, 1]):  # unsorted, base row, padded bmm
+        groups = LoRAGroups.from_token_slots(torch.tensor(slots))
+        assert groups is not None and not groups.in_order, slots
 
 
 def test_prepared_weights_follow_in_place_slot_reloads_and_slot_changes() -> None:
