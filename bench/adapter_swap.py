@@ -26,7 +26,6 @@ import os
 import random
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -35,6 +34,7 @@ from pathlib import Path
 
 import httpx
 import torch
+from bench_common import free_port, percentile, wait_ready
 from safetensors.torch import load_file, save_file
 
 from loraplex.adapters.blob_store import open_blob_store
@@ -46,17 +46,6 @@ from loraplex.training.demo_adapters import DemoAdapterSpec, build_demo_adapter
 
 RANK, STRENGTH = 16, 0.4
 PROMPT = "Describe a busy market in the morning."
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
 def seeded_variant(template: Path, out: Path, seed: int) -> Path:
@@ -157,17 +146,9 @@ def main() -> int:
     process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 600
-        while True:
-            if process.poll() is not None or time.monotonic() > deadline:
-                print("loraplex serve did not become ready", file=sys.stderr)
-                return 1
-            try:
-                if httpx.get(f"{url}/ready", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(1)
+        if not wait_ready(url, process):
+            print("loraplex serve did not become ready", file=sys.stderr)
+            return 1
         results = run_measurements(url, names, args)
     finally:
         process.send_signal(signal.SIGINT)

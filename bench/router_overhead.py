@@ -20,7 +20,6 @@ import asyncio
 import json
 import os
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -28,6 +27,7 @@ import time
 from pathlib import Path
 
 import httpx
+from bench_common import free_port, percentile, wait_ready
 
 from loraplex.serving.base_model import pull_embedded_model
 from loraplex.training.demo_adapters import DEMO_ADAPTERS, ensure_demo_adapters
@@ -39,17 +39,6 @@ PROMPTS = [
     "List some facts about the moon.",
     "Describe a busy market in the morning.",
 ]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
 async def throughput_round(url: str, models: list[str], args: argparse.Namespace) -> dict:
@@ -99,18 +88,6 @@ def added_latency(direct: str, router: str, models: list[str], count: int) -> li
                 timings[url] = time.perf_counter() - started
             differences.append((timings[router] - timings[direct]) * 1000)
     return differences
-
-
-def wait_ready(url: str, process: subprocess.Popen, path: str = "/ready") -> bool:
-    deadline = time.monotonic() + 600
-    while time.monotonic() < deadline and process.poll() is None:
-        try:
-            if httpx.get(f"{url}{path}", timeout=2).status_code == 200:
-                return True
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    return False
 
 
 def stub_overhead(models: list[str], adapters_dir: Path, count: int) -> list[float]:
