@@ -7,17 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from loraplex.database import create_db_engine, migrate
+from loraplex.database import create_db_engine
 from loraplex.router.quotas import QuotaExceeded, QuotaLedger
 from loraplex.router.tenancy_store import TenancyStore
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1_800_000_000.0
-
-    def __call__(self) -> float:
-        return self.now
+from tests.unit.tenancy_helpers import Clock, migrated_store
 
 
 @pytest.fixture
@@ -27,9 +20,7 @@ def clock() -> Clock:
 
 @pytest.fixture
 def store(tmp_path: Path, clock: Clock) -> TenancyStore:
-    engine = create_db_engine(f"sqlite:///{tmp_path}/loraplex.db")
-    migrate(engine)
-    store = TenancyStore(engine, clock=clock)
+    store = migrated_store(tmp_path, clock)
     store.create_tenant("acme")  # id 1
     store.create_tenant("globex")  # id 2
     return store

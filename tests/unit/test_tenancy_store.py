@@ -6,7 +6,6 @@ from pathlib import Path
 
 import pytest
 
-from loraplex.database import create_db_engine, migrate
 from loraplex.router.auth import Authenticator, Principal, may_use
 from loraplex.router.errors import APIError
 from loraplex.router.tenancy_store import (
@@ -17,14 +16,7 @@ from loraplex.router.tenancy_store import (
     TenancyStore,
     parse_expiry,
 )
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1_800_000_000.0
-
-    def __call__(self) -> float:
-        return self.now
+from tests.unit.tenancy_helpers import Clock, migrated_store
 
 
 @pytest.fixture
@@ -34,9 +26,7 @@ def clock() -> Clock:
 
 @pytest.fixture
 def store(tmp_path: Path, clock: Clock) -> TenancyStore:
-    engine = create_db_engine(f"sqlite:///{tmp_path}/loraplex.db")
-    migrate(engine)
-    return TenancyStore(engine, clock=clock)
+    return migrated_store(tmp_path, clock)
 
 
 def test_key_is_stored_hashed_and_listed_by_prefix_only(

@@ -1,0 +1,23 @@
+"""A settable clock and a migrated tenancy store, shared by the tenancy and quota tests."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from loraplex.database import create_db_engine, migrate
+from loraplex.router.tenancy_store import TenancyStore
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1_800_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def migrated_store(tmp_path: Path, clock: Clock) -> TenancyStore:
+    """A TenancyStore on a fresh SQLite database, schema migrated, time from `clock`."""
+    engine = create_db_engine(f"sqlite:///{tmp_path}/loraplex.db")
+    migrate(engine)
+    return TenancyStore(engine, clock=clock)
