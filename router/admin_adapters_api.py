@@ -21,11 +21,11 @@ from loraplex.adapters.catalog import CatalogConflict, CatalogLookupError
 from loraplex.adapters.names import InvalidAdapterName
 from loraplex.adapters.refs import parse_adapter_ref, parse_registry_name, parse_version
 from loraplex.adapters.registry import Registry
-from loraplex.router.admin_api import _Body, _parse, require_admin
+from loraplex.router.admin_api import AdminBody, parse_admin_body, require_admin
 from loraplex.router.errors import APIError
 
 
-class AliasSet(_Body):
+class AliasSet(AdminBody):
     version: str = Field(min_length=2)
     """The version the alias points at: `v1`, `v2`, …"""
 
@@ -74,7 +74,7 @@ def admin_adapters_router(registry: Registry) -> APIRouter:
         except InvalidAdapterName as exc:
             raise APIError(400, str(exc), param="alias") from None
         adapter = _name(tenant, name)
-        body: AliasSet = await _parse(request, AliasSet)
+        body: AliasSet = await parse_admin_body(request, AliasSet)
         number = _version(body.version)
         previous = await _registry_call(catalog.set_alias, adapter, ref.alias, number)
         return {

@@ -27,15 +27,17 @@ from loraplex.router.tenancy_store import (
 )
 
 
-class _Body(BaseModel):
+class AdminBody(BaseModel):
+    """Admin request bodies: unknown fields are an error naming the field."""
+
     model_config = ConfigDict(extra="forbid")
 
 
-class TenantCreate(_Body):
+class TenantCreate(AdminBody):
     name: str = Field(min_length=1)
 
 
-class KeyCreate(_Body):
+class KeyCreate(AdminBody):
     tenant: str | None = None
     """The tenant the key belongs to; omit (with admin=true) for an admin key."""
     admin: bool = False
@@ -44,7 +46,7 @@ class KeyCreate(_Body):
     description: str = ""
 
 
-class QuotaSet(_Body):
+class QuotaSet(AdminBody):
     tenant: str = Field(min_length=1)
     adapter: str = ""
     requests_per_minute: int | None = None
@@ -61,7 +63,7 @@ def require_admin(request: Request) -> Principal:
     return principal
 
 
-async def _parse(request: Request, schema: type[_Body]) -> Any:
+async def parse_admin_body(request: Request, schema: type[AdminBody]) -> Any:
     try:
         return schema.model_validate(json.loads(await request.body()))
     except (ValueError, UnicodeDecodeError) as exc:
@@ -120,7 +122,7 @@ def admin_router(store: TenancyStore) -> APIRouter:
 
     @router.post("/tenants", status_code=201)
     async def create_tenant(request: Request) -> dict:
-        body: TenantCreate = await _parse(request, TenantCreate)
+        body: TenantCreate = await parse_admin_body(request, TenantCreate)
         return tenant_json(await _call(store.create_tenant, body.name))
 
     @router.delete("/tenants/{name}")
@@ -136,7 +138,7 @@ def admin_router(store: TenancyStore) -> APIRouter:
 
     @router.post("/keys", status_code=201)
     async def create_key(request: Request) -> JSONResponse:
-        body: KeyCreate = await _parse(request, KeyCreate)
+        body: KeyCreate = await parse_admin_body(request, KeyCreate)
         if (body.tenant is None) != body.admin:
             raise APIError(400, "Give either 'tenant' or 'admin': true.", param="tenant")
         try:
@@ -161,7 +163,7 @@ def admin_router(store: TenancyStore) -> APIRouter:
 
     @router.put("/quotas")
     async def set_quota(request: Request) -> dict:
-        body: QuotaSet = await _parse(request, QuotaSet)
+        body: QuotaSet = await parse_admin_body(request, QuotaSet)
         quota = await _call(
             store.set_quota, body.tenant, body.adapter,
             requests_per_minute=body.requests_per_minute,
