@@ -1,15 +1,16 @@
 """Multi-LoRA throughput on one vLLM engine: vLLM's CPU LoRA ops vs loraplex's grouped ops.
 
-For each kernel choice (LORAPLEX_CPU_LORA_KERNELS = vllm | loraplex) one engine is
-started in a child process and runs the same prompts in four rows:
+For each kernel choice (LORAPLEX_CPU_LORA_KERNELS = vllm | loraplex-torch | loraplex)
+one engine is started in a child process and runs the same prompts in four rows:
 
 - base only;
 - uniform over 8 adapters;
 - all on 1 adapter;
 - uniform over 32 adapters (more than max_loras: slots are swapped during the run).
 
-Prints output tokens/s and the ratio to the base row of the same engine, plus the
-share of requests whose tokens equal between the two kernel choices; writes JSON.
+Prints output tokens/s and the ratio to the base row of the same engine, plus, for
+each of loraplex's choices, the speedup over vLLM's ops and the share of requests
+whose tokens equal vLLM's; writes JSON and a bar chart.
 
 Usage: python bench/multilora_throughput.py [--prompts 64] [--tokens 64] [--dtype bfloat16]
 """
@@ -25,7 +26,7 @@ import time
 from pathlib import Path
 
 ROWS = ("base", "uniform-8", "single-1", "uniform-32")
-KERNELS = ("vllm", "loraplex")
+KERNELS = ("vllm", "loraplex-torch", "loraplex")
 TOPICS = ["the sea", "a city at night", "old trains", "mountains", "a library", "coffee",
           "winter", "robots", "a garden", "the moon", "rivers", "music"]  # fmt: skip
 
@@ -159,8 +160,9 @@ def main() -> int:
 
     print(f"\n{args.prompts} prompts x {args.tokens} greedy tokens (ignore_eos), {args.dtype}, "
           f"r={args.rank} on 7 projections, max_loras 8, max_cpu_loras 32")  # fmt: skip
-    header = f"{'row':<12}" + "".join(f"{k + ' tok/s':>16}{'ratio':>8}" for k in args.kernels)
-    print(header + (f"{'speedup':>9}{'same tokens':>13}" if len(args.kernels) == 2 else ""))
+    header = f"{'row':<12}" + "".join(f"{k + ' tok/s':>22}{'ratio':>7}" for k in args.kernels)
+    reference, others = args.kernels[0], args.kernels[1:]
+    print(header + "".join(f"{'x ' + reference + ' (' + k + ')':>26}{'same':>8}" for k in others))
     summary = {}
     for row in ROWS:
         line = f"{row:<12}"
@@ -169,14 +171,17 @@ def main() -> int:
             tok_s = results[kernels][row]["tok_s"]
             ratio = tok_s / results[kernels]["base"]["tok_s"]
             summary[row][kernels] = {"tok_s": tok_s, "ratio_to_base": ratio}
-            line += f"{tok_s:>16.1f}{ratio:>8.2f}"
-        if len(args.kernels) == 2:
-            old, new = (results[k][row] for k in args.kernels)
+            line += f"{tok_s:>22.1f}{ratio:>7.2f}"
+        old = results[reference][row]
+        for kernels in others:
+            new = results[kernels][row]
             speedup = new["tok_s"] / old["tok_s"]
             same = sum(a == b for a, b in zip(old["token_ids"], new["token_ids"], strict=True))
-            summary[row]["speedup"] = speedup
-            summary[row]["same_tokens"] = same / len(old["token_ids"])
-            line += f"{speedup:>9.2f}{same:>8}/{len(old['token_ids'])}"
+            summary[row][kernels] |= {
+                f"speedup_vs_{reference}": speedup,
+                f"same_tokens_as_{reference}": same / len(old["token_ids"]),
+            }
+            line += f"{speedup:>26.2f}{same:>5}/{len(old['token_ids'])}"
         print(line)
     partial.unlink()
     plot(summary, args.kernels, args.out.with_suffix(".png"))

@@ -52,8 +52,9 @@ class ServeSettings(BaseSettings):
     """KV cache size for vLLM on CPU (VLLM_CPU_KVCACHE_SPACE), in GiB."""
     max_num_seqs: int = Field(64, ge=1)
     """Sequences vLLM batches together."""
-    cpu_lora_kernels: Literal["loraplex", "vllm"] = "loraplex"
-    """Multi-LoRA ops on CPU: loraplex's grouped GEMMs, or vLLM's per-token reference ops."""
+    cpu_lora_kernels: Literal["loraplex", "loraplex-torch", "vllm"] = "loraplex"
+    """Multi-LoRA ops on CPU: loraplex's fused C++ kernel (falling back to its grouped torch
+    ops where it cannot be built), only the grouped torch ops, or vLLM's per-token ops."""
     backend_start_timeout_s: float = Field(600.0, gt=0)
     """How long to wait for the vLLM child to report healthy."""
     backend_timeout_s: float = Field(600.0, gt=0)

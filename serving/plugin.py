@@ -24,7 +24,10 @@ log = logging.getLogger(__name__)
 RESOLVER_NAME = "loraplex-local-store"
 REGISTRY_RESOLVER_NAME = "loraplex-registry"
 CPU_KERNELS_ENV = "LORAPLEX_CPU_LORA_KERNELS"
-GROUPED_WRAPPER = "loraplex.serving.punica_cpu.GroupedPunicaWrapperCPU"
+WRAPPERS = {
+    "loraplex": "loraplex.serving.punica_cpu.FusedPunicaWrapperCPU",
+    "loraplex-torch": "loraplex.serving.punica_cpu.GroupedPunicaWrapperCPU",
+}
 
 
 def register() -> None:
@@ -34,16 +37,19 @@ def register() -> None:
 
 def _install_cpu_lora_kernels() -> None:
     choice = os.environ.get(CPU_KERNELS_ENV, "loraplex").strip().lower()
-    if choice not in ("loraplex", "vllm"):
-        raise ValueError(f"{CPU_KERNELS_ENV} must be 'loraplex' or 'vllm', got {choice!r}")
+    if choice not in (*WRAPPERS, "vllm"):
+        raise ValueError(
+            f"{CPU_KERNELS_ENV} must be one of {', '.join((*WRAPPERS, 'vllm'))}, got {choice!r}"
+        )
     from vllm.platforms import current_platform
 
     if choice == "vllm" or not current_platform.is_cpu():
         return
+    wrapper = WRAPPERS[choice]
     # The platform method is vLLM's hook for choosing the punica wrapper class;
     # overriding it on the CPU platform class leaves every other platform alone.
-    type(current_platform).get_punica_wrapper = classmethod(lambda cls: GROUPED_WRAPPER)  # type: ignore[method-assign,assignment]
-    log.info("loraplex: grouped CPU multi-LoRA kernels enabled (%s)", GROUPED_WRAPPER)
+    type(current_platform).get_punica_wrapper = classmethod(lambda cls: wrapper)  # type: ignore[method-assign,assignment]
+    log.info("loraplex: CPU multi-LoRA kernels enabled (%s)", wrapper)
 
 
 def _register_resolver() -> None:

@@ -25,6 +25,14 @@ from loraplex.serving.cpu_lora_ops import (
     add_grouped_lora,
     prepare_weights,
 )
+from loraplex.serving.native_lora import (
+    NativeLayerWeights,
+    NativeTiles,
+    add_native_lora,
+    load_kernel,
+    prepare_native_weights,
+    supports,
+)
 
 
 class GroupedPunicaWrapperCPU(PunicaWrapperCPU):
@@ -98,3 +106,61 @@ class GroupedPunicaWrapperCPU(PunicaWrapperCPU):
         if self._logits_lora_nonzero is None or self._logits_lora_nonzero[0] != key:
             self._logits_lora_nonzero = (key, bool(lora_b_stacked.any()))
         return self._logits_lora_nonzero[1]
+
+
+class FusedPunicaWrapperCPU(GroupedPunicaWrapperCPU):
+    """GroupedPunicaWrapperCPU whose linear-layer LoRA runs in one fused C++ call per layer
+    (serving/csrc/grouped_lora.cpp); the grouped torch ops remain for what the kernel does
+    not cover (other dtypes, slice widths that are not whole vectors) and for machines
+    where it cannot be built."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._kernel = load_kernel()
+        self._tiles: NativeTiles | None = None
+        self._native: dict[int, NativeLayerWeights] = {}
+        self._shrunk = torch.zeros(0)
+
+    def update_metadata(self, *args: Any, **kwargs: Any) -> None:
+        super().update_metadata(*args, **kwargs)
+        if self._kernel is not None:
+            self._tiles = NativeTiles.from_token_slots(
+                self.token_lora_indices, self._kernel.tile_rows
+            )
+
+    def add_lora_linear(
+        self,
+        y: torch.Tensor,
+        x: torch.Tensor,
+        lora_a_stacked: tuple[torch.Tensor, ...],
+        lora_b_stacked: tuple[torch.Tensor, ...],
+        scale: float,
+        output_slices: tuple[int, ...],
+        *,
+        buffer: tuple[torch.Tensor, ...] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        kernel, tiles = self._kernel, self._tiles
+        if kernel is not None and tiles is None and buffer is None:
+            return None  # no token in this step uses a LoRA
+        x2, y2 = x.view(-1, x.shape[-1]), y.view(-1, y.shape[-1])
+        if (
+            kernel is None
+            or tiles is None
+            or buffer is not None
+            or tiles.num_tokens != x2.size(0)
+            or not supports(x2, y2, lora_b_stacked, kernel.lanes)
+        ):
+            return super().add_lora_linear(
+                y, x, lora_a_stacked, lora_b_stacked, scale, output_slices, buffer=buffer, **kwargs
+            )
+        layer = id(lora_a_stacked[0])
+        weights = prepare_native_weights(
+            lora_a_stacked, lora_b_stacked, scale, y.dtype, kernel.lanes, self._native.get(layer)
+        )
+        self._native[layer] = weights
+        rows = (tiles.rows.numel() + kernel.tile_rows) * weights.at.shape[2]
+        if self._shrunk.numel() < rows:
+            self._shrunk = torch.zeros(rows)
+        add_native_lora(kernel, tiles, y2, x2, weights, self._shrunk)
+        return None

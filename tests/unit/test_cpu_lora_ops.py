@@ -1,4 +1,5 @@
-"""loraplex's grouped CPU multi-LoRA ops equal vLLM's reference ops."""
+"""loraplex's CPU multi-LoRA ops (the fused C++ kernel and the grouped torch ops) equal
+vLLM's reference ops."""
 
 from __future__ import annotations
 
@@ -8,9 +9,10 @@ from vllm.lora.layers.utils import LoRAMapping
 from vllm.lora.punica_wrapper.punica_cpu import PunicaWrapperCPU
 
 from loraplex.serving.cpu_lora_ops import LoRAGroups
-from loraplex.serving.punica_cpu import GroupedPunicaWrapperCPU
+from loraplex.serving.punica_cpu import FusedPunicaWrapperCPU, GroupedPunicaWrapperCPU
 
 MAX_LORAS = 8
+WRAPPERS = {"fused": FusedPunicaWrapperCPU, "grouped": GroupedPunicaWrapperCPU}
 # Every LoRA projection of SmolLM2 as vLLM packs it: (input size, output slices).
 PROJECTIONS = {
     "qkv_proj": (576, (576, 192, 192)),
@@ -38,11 +40,13 @@ def _slots(kind: str, tokens: int) -> list[int]:
     raise ValueError(kind)
 
 
-def _wrappers(slots: list[int], prefill: bool) -> tuple[PunicaWrapperCPU, GroupedPunicaWrapperCPU]:
+def _wrappers(
+    slots: list[int], prefill: bool, wrapper: str = "grouped"
+) -> tuple[PunicaWrapperCPU, GroupedPunicaWrapperCPU]:
     # Slot i holds LoRA id i + 1; id 0 in a mapping means "no LoRA".
     mapping = LoRAMapping(tuple(s + 1 for s in slots), tuple(s + 1 for s in slots), prefill)
     ids = list(range(1, MAX_LORAS + 1))
-    ref, new = PunicaWrapperCPU(4096, 256, "cpu"), GroupedPunicaWrapperCPU(4096, 256, "cpu")
+    ref, new = PunicaWrapperCPU(4096, 256, "cpu"), WRAPPERS[wrapper](4096, 256, "cpu")
     for wrapper in (ref, new):
         wrapper.update_metadata(mapping, ids, MAX_LORAS + 1, 49152)
     return ref, new
@@ -71,11 +75,12 @@ def _weights(rank, in_size, slices, dtype, empty_last):
 )
 @pytest.mark.parametrize("prefill", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_add_lora_linear_matches_vllm(projection, rank, kind, prefill, dtype) -> None:
+@pytest.mark.parametrize("wrapper", sorted(WRAPPERS))
+def test_add_lora_linear_matches_vllm(projection, rank, kind, prefill, dtype, wrapper) -> None:
     in_size, slices = PROJECTIONS[projection]
     tokens = 40
     slots = _slots(kind, tokens)
-    ref, new = _wrappers(slots, prefill)
+    ref, new = _wrappers(slots, prefill, wrapper)
     lora_a, lora_b = _weights(rank, in_size, slices, dtype, empty_last=-1 in slots)
     x = torch.randn(tokens, in_size, dtype=dtype)
     y_start = torch.randn(tokens, sum(slices), dtype=dtype)
@@ -85,12 +90,15 @@ def test_add_lora_linear_matches_vllm(projection, rank, kind, prefill, dtype) ->
     tolerance = 1e-5 if dtype == torch.float32 else 3e-2
     torch.testing.assert_close(y_new, y_ref, rtol=tolerance, atol=tolerance)
     assert not torch.equal(y_new, y_start), "the LoRA delta was not applied"
+    if wrapper == "fused":  # the C++ kernel ran, not the torch fallback
+        assert len(new._native) == 1 and not new._prepared
 
 
-def test_base_tokens_stay_untouched_when_every_slot_is_occupied() -> None:
+@pytest.mark.parametrize("wrapper", sorted(WRAPPERS))
+def test_base_tokens_stay_untouched_when_every_slot_is_occupied(wrapper) -> None:
     in_size, slices = PROJECTIONS["o_proj"]
     slots = [-1, 7, -1, 0, 3]
-    _, new = _wrappers(slots, prefill=False)
+    _, new = _wrappers(slots, prefill=False, wrapper=wrapper)
     lora_a, lora_b = _weights(16, in_size, slices, torch.float32, empty_last=False)
     x = torch.randn(len(slots), in_size)
     y = torch.zeros(len(slots), sum(slices))
@@ -99,8 +107,9 @@ def test_base_tokens_stay_untouched_when_every_slot_is_occupied() -> None:
     assert torch.count_nonzero(y[[1, 3, 4]]) > 0
 
 
-def test_no_lora_step_changes_nothing() -> None:
-    _, new = _wrappers([-1] * 6, prefill=True)
+@pytest.mark.parametrize("wrapper", sorted(WRAPPERS))
+def test_no_lora_step_changes_nothing(wrapper) -> None:
+    _, new = _wrappers([-1] * 6, prefill=True, wrapper=wrapper)
     lora_a, lora_b = _weights(16, 576, (576,), torch.float32, empty_last=False)
     y = torch.randn(6, 576)
     before = y.clone()
@@ -126,7 +135,8 @@ def test_batches_already_grouped_by_slot_skip_the_gathers() -> None:
         assert groups is not None and not groups.in_order, slots
 
 
-def test_prepared_weights_follow_in_place_slot_reloads_and_slot_changes() -> None:
+@pytest.mark.parametrize("wrapper", sorted(WRAPPERS))
+def test_prepared_weights_follow_in_place_slot_reloads_and_slot_changes(wrapper) -> None:
     """vLLM loads an adapter by writing into the stacked tensors in place; the next step
     must use the new weights, and a step with other active slots must use theirs."""
     in_size, slices = PROJECTIONS["qkv_proj"]
@@ -135,8 +145,8 @@ def test_prepared_weights_follow_in_place_slot_reloads_and_slot_changes() -> Non
     close = {"rtol": 1e-5, "atol": 1e-4}
 
     def step(slots: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        ref, new = _wrappers(slots, prefill=False)
-        new._prepared = cache  # the same layer across steps
+        ref, new = _wrappers(slots, prefill=False, wrapper=wrapper)
+        new._prepared = new._native = cache  # the same layer across steps
         y_ref, y_new = torch.zeros(12, sum(slices)), torch.zeros(12, sum(slices))
         ref.add_lora_linear(y_ref, x, lora_a, lora_b, 1.0, slices)
         new.add_lora_linear(y_new, x, lora_a, lora_b, 1.0, slices)
