@@ -7,6 +7,7 @@ The kernel choice comes from LORAPLEX_CPU_LORA_KERNELS in the environment.
 from __future__ import annotations
 
 import json
+import logging
 import sys
 from pathlib import Path
 
@@ -20,6 +21,9 @@ TOKENS = 24
 
 
 def main() -> None:
+    # loraplex's INFO lines (which CPU LoRA kernel loaded) on stderr, for the test to check.
+    logging.basicConfig(stream=sys.stderr, level=logging.WARNING)
+    logging.getLogger("loraplex").setLevel(logging.INFO)
     from vllm import LLM, SamplingParams
     from vllm.lora.request import LoRARequest
 
