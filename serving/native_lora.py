@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 SOURCE = Path(__file__).with_name("csrc") / "grouped_lora.cpp"
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17")
 DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1}
-CHUNK_VECTORS = 4
+CHUNK_VECTORS = 2
 """Output columns per work item, in vectors: each B vector is reused by every row of a tile."""
 
 
@@ -50,8 +50,21 @@ class NativeKernel:
         self.tile_rows = int(library.lpx_tile_rows())
         self.lanes = int(library.lpx_lanes())
 
-    def __call__(self, *args: int) -> None:
-        if self._fn(*args) != 0:
+    def __call__(
+        self,
+        tiles: NativeTiles,
+        y: torch.Tensor,
+        x: torch.Tensor,
+        weights: NativeLayerWeights,
+        shrunk: torch.Tensor,
+    ) -> None:
+        # Pointer arguments of the layer and the step are packed once (`args`): this
+        # call sits on the per-layer hot path, where Python overhead adds up.
+        status = self._fn(
+            DTYPE_CODES[x.dtype], x.data_ptr(), x.stride(0), x.shape[1], y.data_ptr(),
+            y.stride(0), *weights.args, *tiles.args, weights.scale, shrunk.data_ptr(),
+        )  # fmt: skip
+        if status != 0:
             raise RuntimeError("lpx_grouped_lora: unsupported dtype")
 
 
@@ -142,6 +155,14 @@ class NativeTiles:
     def num_tiles(self) -> int:
         return self.start.numel()
 
+    @functools.cached_property
+    def args(self) -> tuple[int, ...]:
+        """The kernel's per-step arguments."""
+        return (
+            self.rows.data_ptr(), self.start.data_ptr(), self.length.data_ptr(),
+            self.slot.data_ptr(), self.num_tiles,
+        )  # fmt: skip
+
     @staticmethod
     def from_token_slots(token_slots: torch.Tensor, tile_rows: int) -> NativeTiles | None:
         """None when no row uses a LoRA."""
@@ -179,19 +200,23 @@ class NativeLayerWeights:
     """(slots, in, srp): every slice's A^T side by side along the rank, zero-padded to a
     whole number of vectors."""
     bt: torch.Tensor
-    """(slots, rank, width): bt[slot, j, col] = B of col's slice [slot, col - offset, j]."""
+    """(slots, rank * width): per slot, each output chunk's (rank, chunk columns) block of
+    B^T, contiguous, at rank * the chunk's first column."""
+    rank: int
+    width: int
     chunk_col: torch.Tensor
     chunk_vecs: torch.Tensor
     chunk_rank_col: torch.Tensor
     """Output column chunks (first column, vectors, first shrink column of the slice)."""
 
-    @property
-    def rank(self) -> int:
-        return self.bt.shape[1]
-
-    @property
-    def width(self) -> int:
-        return self.bt.shape[2]
+    @functools.cached_property
+    def args(self) -> tuple[int, ...]:
+        """The kernel's per-layer arguments."""
+        return (
+            self.at.data_ptr(), self.at.shape[2], self.bt.data_ptr(), self.rank, self.width,
+            self.chunk_col.data_ptr(), self.chunk_vecs.data_ptr(),
+            self.chunk_rank_col.data_ptr(), self.chunk_col.numel(),
+        )  # fmt: skip
 
 
 def supports(
@@ -229,9 +254,9 @@ def prepare_native_weights(
     padded = -(-a.shape[1] // lanes) * lanes
     at = torch.zeros(a.shape[0], a.shape[2], padded, dtype=dtype)
     at[:, :, : a.shape[1]] = a.transpose(1, 2)
-    bt = torch.cat([t.squeeze(1).transpose(1, 2) for t in lora_b], dim=2).to(dtype).contiguous()
+    b_t = torch.cat([t.squeeze(1).transpose(1, 2) for t in lora_b], dim=2).to(dtype)
     rank = lora_b[0].shape[-1]
-    cols, vecs, rank_cols, offset = [], [], [], 0
+    cols, vecs, rank_cols, blocks, offset = [], [], [], [], 0
     chunk = CHUNK_VECTORS * lanes
     for index, stacked in enumerate(lora_b):
         width = stacked.shape[2]
@@ -239,12 +264,15 @@ def prepare_native_weights(
             cols.append(offset + start)
             vecs.append(min(chunk, width - start) // lanes)
             rank_cols.append(index * rank)
+            blocks.append(b_t[:, :, offset + start : offset + start + vecs[-1] * lanes])
         offset += width
     return NativeLayerWeights(
         key=key,
         scale=scale,
         at=at,
-        bt=bt,
+        bt=torch.cat([block.reshape(block.shape[0], -1) for block in blocks], dim=1),
+        rank=rank,
+        width=offset,
         chunk_col=_int32(cols),
         chunk_vecs=_int32(vecs),
         chunk_rank_col=_int32(rank_cols),
@@ -261,15 +289,4 @@ def add_native_lora(
 ) -> None:
     """y[rows, :width] += LoRA delta of each row's slot, in place; `shrunk` is float32
     scratch of at least (rows + tile size) x srp."""
-    kernel(
-        DTYPE_CODES[x.dtype],
-        x.data_ptr(), x.stride(0), x.shape[1],
-        y.data_ptr(), y.stride(0),
-        weights.at.data_ptr(), weights.at.shape[2],
-        weights.bt.data_ptr(), weights.rank, weights.width,
-        weights.chunk_col.data_ptr(), weights.chunk_vecs.data_ptr(),
-        weights.chunk_rank_col.data_ptr(), weights.chunk_col.numel(),
-        tiles.rows.data_ptr(), tiles.start.data_ptr(), tiles.length.data_ptr(),
-        tiles.slot.data_ptr(), tiles.num_tiles,
-        weights.scale, shrunk.data_ptr(),
-    )  # fmt: skip
+    kernel(tiles, y, x, weights, shrunk)

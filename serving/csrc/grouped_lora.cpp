@@ -10,9 +10,11 @@
 // Layouts (prepared once per layer in Python, reused until vLLM writes a slot):
 //   at    (slots, in_dim, srp)  every slice's A^T side by side along the rank,
 //                               zero-padded to srp (multiple of 16)
-//   bt    (slots, rank, width)  bt[slot][j][col] = B_{slice(col)}[slot][col - off][j]
-//   chunks: output column ranges of at most CHUNK_VECS vectors, never crossing a slice:
+//   chunks: output column ranges of at most 2 vectors, never crossing a slice:
 //           first column, vectors, first shrunk column of its slice
+//   bt    (slots, rank * width)  per slot, one contiguous (rank, chunk width) block per
+//                                chunk at rank * first column: block[j][c] =
+//                                B_{slice}[slot][first column + c - slice offset][j]
 // Per-step grouping (computed once per step, shared by every layer):
 //   rows  (n)       batch rows that use a LoRA, grouped by slot
 //   tiles (n_tiles) runs of at most TILE rows of one slot: start in `rows`, length, slot
@@ -26,8 +28,13 @@
 
 namespace {
 
-constexpr int TILE = 4;      // rows computed together; each weight vector is loaded once per tile
-constexpr int LANES = 16;    // floats per vector
+// Rows computed together: each weight vector loaded is used by every row of a tile. A
+// tile of n rows runs the variant for the next of 1, 2, 4, 8 rows (the extra rows repeat
+// its last row and are never stored); 8 rows x 3 vectors of accumulators still fit the
+// 32 vector registers of AVX-512.
+constexpr int TILE = 8;
+constexpr int MAX_SHRINK_VECS = 3;  // rank vectors per shrink pass
+constexpr int LANES = 16;           // floats per vector
 
 typedef float vf __attribute__((vector_size(64)));
 typedef uint32_t vu __attribute__((vector_size(64)));
@@ -75,24 +82,24 @@ struct Problem {
   const int32_t* rows; const int32_t* tile_start; const int32_t* tile_len;
   const int32_t* tile_slot; int64_t n_tiles;
   float scale;
-  float* shrunk;  // (n + TILE, srp) scratch
+  float* shrunk;  // (n + TILE, srp) scratch: short tiles compute (never store) extra rows
 };
 
 // shrunk[pos .. pos+len) = scale * x[rows] @ at[slot], Q vectors of the rank at a time.
 // The scale is applied in float32 here: folding it into bf16 weights would round twice.
-template <class E, int Q>
+template <class E, int TT, int Q>
 inline void shrink_tile(const Problem& p, int64_t tile, int64_t q0) {
   typedef typename E::T T;
   const int64_t start = p.tile_start[tile], len = p.tile_len[tile];
-  const T* xr[TILE];
-  for (int t = 0; t < TILE; ++t)  // short tiles repeat their last row; never stored
+  const T* xr[TT];
+  for (int t = 0; t < TT; ++t)  // short tiles repeat their last row; never stored
     xr[t] = static_cast<const T*>(p.x) + p.rows[start + (t < len ? t : len - 1)] * p.x_stride;
   const T* a = static_cast<const T*>(p.at) + int64_t(p.tile_slot[tile]) * p.in_dim * p.srp + q0;
-  vf acc[TILE][Q] = {};
+  vf acc[TT][Q] = {};
   for (int64_t i = 0; i < p.in_dim; ++i, a += p.srp) {
     vf w[Q];
     for (int q = 0; q < Q; ++q) w[q] = E::load(a + q * LANES);
-    for (int t = 0; t < TILE; ++t) {
+    for (int t = 0; t < TT; ++t) {
       const float xv = E::scalar(xr[t] + i);
       for (int q = 0; q < Q; ++q) acc[t][q] += xv * w[q];
     }
@@ -104,31 +111,41 @@ inline void shrink_tile(const Problem& p, int64_t tile, int64_t q0) {
     }
 }
 
-template <class E>
-inline void shrink(const Problem& p, int64_t tile) {
+template <class E, int TT>
+inline void shrink_rows(const Problem& p, int64_t tile) {
   const int64_t vecs = p.srp / LANES;
-  int64_t q0 = 0;
-  for (; q0 + 4 <= vecs; q0 += 4) shrink_tile<E, 4>(p, tile, q0 * LANES);
-  switch (vecs - q0) {
-    case 3: shrink_tile<E, 3>(p, tile, q0 * LANES); break;
-    case 2: shrink_tile<E, 2>(p, tile, q0 * LANES); break;
-    case 1: shrink_tile<E, 1>(p, tile, q0 * LANES); break;
+  int64_t q = 0;
+  for (; q + MAX_SHRINK_VECS <= vecs; q += MAX_SHRINK_VECS)
+    shrink_tile<E, TT, MAX_SHRINK_VECS>(p, tile, q * LANES);
+  switch (vecs - q) {
+    case 2: shrink_tile<E, TT, 2>(p, tile, q * LANES); break;
+    case 1: shrink_tile<E, TT, 1>(p, tile, q * LANES); break;
     default: break;
   }
 }
 
-// y[rows, col0 : col0 + NV*16) += shrunk[rows, slice's rank] @ bt[slot][:, cols].
-template <class E, int NV>
+template <class E>
+inline void shrink(const Problem& p, int64_t tile) {
+  const int32_t len = p.tile_len[tile];
+  if (len > 4) shrink_rows<E, 8>(p, tile);
+  else if (len > 2) shrink_rows<E, 4>(p, tile);
+  else if (len > 1) shrink_rows<E, 2>(p, tile);
+  else shrink_rows<E, 1>(p, tile);
+}
+
+// y[rows, col0 : col0 + NV*16) += shrunk[rows, slice's rank] @ the chunk's block of bt.
+template <class E, int TT, int NV>
 inline void expand_tile(const Problem& p, int64_t tile, int64_t col0, int64_t rank_col0) {
   typedef typename E::T T;
   const int64_t start = p.tile_start[tile], len = p.tile_len[tile];
-  const T* b = static_cast<const T*>(p.bt) + int64_t(p.tile_slot[tile]) * p.rank * p.width + col0;
+  const T* b = static_cast<const T*>(p.bt) + int64_t(p.tile_slot[tile]) * p.rank * p.width +
+               p.rank * col0;
   const float* s = p.shrunk + start * p.srp + rank_col0;  // rows past len: scratch, never stored
-  vf acc[TILE][NV] = {};
-  for (int64_t j = 0; j < p.rank; ++j, b += p.width) {
+  vf acc[TT][NV] = {};
+  for (int64_t j = 0; j < p.rank; ++j, b += NV * LANES) {
     vf w[NV];
     for (int v = 0; v < NV; ++v) w[v] = E::load(b + v * LANES);
-    for (int t = 0; t < TILE; ++t) {
+    for (int t = 0; t < TT; ++t) {
       const float sv = s[t * p.srp + j];
       for (int v = 0; v < NV; ++v) acc[t][v] += sv * w[v];
     }
@@ -139,15 +156,20 @@ inline void expand_tile(const Problem& p, int64_t tile, int64_t col0, int64_t ra
   }
 }
 
+template <class E, int TT>
+inline void expand_rows(const Problem& p, int64_t tile, int64_t col0, int64_t vecs,
+                        int64_t rank_col0) {
+  if (vecs == 2) expand_tile<E, TT, 2>(p, tile, col0, rank_col0);
+  else expand_tile<E, TT, 1>(p, tile, col0, rank_col0);
+}
+
 template <class E>
 inline void expand(const Problem& p, int64_t tile, int64_t col0, int64_t vecs, int64_t rank_col0) {
-  switch (vecs) {
-    case 4: expand_tile<E, 4>(p, tile, col0, rank_col0); break;
-    case 3: expand_tile<E, 3>(p, tile, col0, rank_col0); break;
-    case 2: expand_tile<E, 2>(p, tile, col0, rank_col0); break;
-    case 1: expand_tile<E, 1>(p, tile, col0, rank_col0); break;
-    default: break;
-  }
+  const int32_t len = p.tile_len[tile];
+  if (len > 4) expand_rows<E, 8>(p, tile, col0, vecs, rank_col0);
+  else if (len > 2) expand_rows<E, 4>(p, tile, col0, vecs, rank_col0);
+  else if (len > 1) expand_rows<E, 2>(p, tile, col0, vecs, rank_col0);
+  else expand_rows<E, 1>(p, tile, col0, vecs, rank_col0);
 }
 
 template <class E>
@@ -156,11 +178,13 @@ void run(const Problem& p) {
   {
     #pragma omp for schedule(static)
     for (int64_t tile = 0; tile < p.n_tiles; ++tile) shrink<E>(p, tile);
-    // implicit barrier: every row's shrink is done before any expand reads it.
-    // Chunk-major order: consecutive work items of a thread reuse the same weights.
+    // Implicit barrier: every row's shrink is done before any expand reads it.
+    // Tile-major work items: a thread walks its rows of y in memory order and the
+    // slot's weight blocks in memory order (tiles of one slot are adjacent, so a block
+    // read from memory for one tile is still in cache for the next).
     #pragma omp for collapse(2) schedule(static)
-    for (int64_t c = 0; c < p.n_chunks; ++c)
-      for (int64_t tile = 0; tile < p.n_tiles; ++tile)
+    for (int64_t tile = 0; tile < p.n_tiles; ++tile)
+      for (int64_t c = 0; c < p.n_chunks; ++c)
         expand<E>(p, tile, p.chunk_col[c], p.chunk_vecs[c], p.chunk_rank_col[c]);
   }
 }
