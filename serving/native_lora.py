@@ -254,23 +254,27 @@ def prepare_native_weights(
     padded = -(-a.shape[1] // lanes) * lanes
     at = torch.zeros(a.shape[0], a.shape[2], padded, dtype=dtype)
     at[:, :, : a.shape[1]] = a.transpose(1, 2)
-    b_t = torch.cat([t.squeeze(1).transpose(1, 2) for t in lora_b], dim=2).to(dtype)
-    rank = lora_b[0].shape[-1]
+    rank, chunk = lora_b[0].shape[-1], CHUNK_VECTORS * lanes
     cols, vecs, rank_cols, blocks, offset = [], [], [], [], 0
-    chunk = CHUNK_VECTORS * lanes
     for index, stacked in enumerate(lora_b):
-        width = stacked.shape[2]
+        b_t = stacked.squeeze(1).transpose(1, 2).to(dtype)  # (slots, rank, width)
+        width = b_t.shape[2]
+        whole = width // chunk * chunk
+        # (slots, rank, chunks, chunk) -> (slots, chunks, rank, chunk): one block per chunk.
+        blocks.append(
+            b_t[:, :, :whole].reshape(b_t.shape[0], rank, -1, chunk).transpose(1, 2).flatten(1)
+        )
+        blocks.append(b_t[:, :, whole:].flatten(1))  # the last, narrower chunk (if any)
         for start in range(0, width, chunk):
             cols.append(offset + start)
             vecs.append(min(chunk, width - start) // lanes)
             rank_cols.append(index * rank)
-            blocks.append(b_t[:, :, offset + start : offset + start + vecs[-1] * lanes])
         offset += width
     return NativeLayerWeights(
         key=key,
         scale=scale,
         at=at,
-        bt=torch.cat([block.reshape(block.shape[0], -1) for block in blocks], dim=1),
+        bt=torch.cat(blocks, dim=1),
         rank=rank,
         width=offset,
         chunk_col=_int32(cols),
