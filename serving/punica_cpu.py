@@ -9,7 +9,8 @@ vLLM also wraps the LM head whenever LoRA is enabled and runs its per-token LoRA
 ops on the full vocabulary every step (gathering max_loras x vocab x rank weights
 per token), even though adapters that vLLM serves almost never target `lm_head`.
 Those weights are all zero then, so the wrapper skips the logits LoRA while they
-stay zero; that path alone took about a quarter of each decode step here.
+stay zero; that path alone took about a quarter of each decode step here. The token
+embedding's LoRA is skipped the same way.
 """
 
 from __future__ import annotations
@@ -43,8 +44,8 @@ class GroupedPunicaWrapperCPU(PunicaWrapperCPU):
         self._groups: LoRAGroups | None = None
         # One entry per LoRA layer (keyed by its first stacked tensor).
         self._prepared: dict[int, PreparedLoRAWeights] = {}
-        # (data_ptr, version) of the LM-head LoRA B weights -> whether any is non-zero.
-        self._logits_lora_nonzero: tuple[tuple[int, int], bool] | None = None
+        # data_ptr of a LoRA B tensor -> (its version, whether any weight is non-zero).
+        self._nonzero: dict[int, tuple[int, bool]] = {}
 
     def update_metadata(self, *args: Any, **kwargs: Any) -> None:
         super().update_metadata(*args, **kwargs)
@@ -90,22 +91,38 @@ class GroupedPunicaWrapperCPU(PunicaWrapperCPU):
         buffer: torch.Tensor | None = None,
         **kwargs: Any,
     ) -> None:
-        if not self._any_logits_lora(lora_b_stacked):
+        if not self._any_nonzero(lora_b_stacked):
             return None  # every adapter's LM-head delta is zero: nothing to add
         return super().add_lora_logits(
             y, x, lora_a_stacked, lora_b_stacked, scale, buffer=buffer, **kwargs
         )
 
-    def _any_logits_lora(self, lora_b_stacked: torch.Tensor) -> bool:
-        """Whether any slot holds a non-zero LM-head LoRA, re-checked only after a write.
+    def add_lora_embedding(
+        self,
+        y: torch.Tensor,
+        x: torch.Tensor,
+        lora_b_stacked: torch.Tensor,
+        add_inputs: bool = True,
+        **kwargs: Any,
+    ) -> None:
+        # Like the LM head, vLLM wraps the token embedding whenever LoRA is enabled and
+        # runs a per-token expand every step, though adapters rarely train embeddings.
+        if add_inputs and not self._any_nonzero(lora_b_stacked):
+            return None  # every adapter's embedding delta is zero: nothing to add
+        return super().add_lora_embedding(y, x, lora_b_stacked, add_inputs, **kwargs)
+
+    def _any_nonzero(self, lora_b_stacked: torch.Tensor) -> bool:
+        """Whether any slot holds a non-zero weight, re-checked only after a write.
 
         vLLM fills and clears slots in place, which bumps the tensor's version counter,
         so the (pointer, version) pair changes exactly when the answer can change.
         """
-        key = (lora_b_stacked.data_ptr(), lora_b_stacked._version)
-        if self._logits_lora_nonzero is None or self._logits_lora_nonzero[0] != key:
-            self._logits_lora_nonzero = (key, bool(lora_b_stacked.any()))
-        return self._logits_lora_nonzero[1]
+        pointer, version = lora_b_stacked.data_ptr(), lora_b_stacked._version
+        cached = self._nonzero.get(pointer)
+        if cached is None or cached[0] != version:
+            cached = (version, bool(lora_b_stacked.any()))
+            self._nonzero[pointer] = cached
+        return cached[1]
 
 
 class FusedPunicaWrapperCPU(GroupedPunicaWrapperCPU):

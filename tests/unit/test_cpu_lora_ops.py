@@ -197,3 +197,27 @@ def test_lm_head_lora_loaded_into_a_slot_later_is_applied() -> None:
     new.add_lora_logits(got, x, lora_a, lora_b, 1.0)
     torch.testing.assert_close(got, expected)
     assert not torch.equal(got, logits)
+
+
+@pytest.mark.parametrize("nonzero_slot", [None, 3])
+def test_embedding_lora_matches_vllm_and_is_skipped_only_while_all_zero(nonzero_slot) -> None:
+    slots = [i % MAX_LORAS for i in range(12)]
+    ref, new = _wrappers(slots, prefill=False)
+    gen = torch.Generator().manual_seed(11)
+    hidden, rank = 64, 8
+    lora_b = torch.zeros(MAX_LORAS, 1, hidden, rank)
+    if nonzero_slot is not None:
+        lora_b[nonzero_slot] = torch.randn(1, hidden, rank, generator=gen)
+    x = torch.randn(12, rank, generator=gen)  # the per-token rows of embedding A
+    start = torch.randn(12, hidden, generator=gen)
+    expected, got = start.clone(), start.clone()
+    ref.add_lora_embedding(expected, x, lora_b, add_inputs=True)
+    new.add_lora_embedding(got, x, lora_b, add_inputs=True)
+    torch.testing.assert_close(got, expected)
+    assert torch.equal(got, start) == (nonzero_slot is None)
+    lora_b[5].fill_(0.5)  # an adapter with embedding LoRA loaded later, in place
+    expected, got = start.clone(), start.clone()
+    ref.add_lora_embedding(expected, x, lora_b, add_inputs=True)
+    new.add_lora_embedding(got, x, lora_b, add_inputs=True)
+    torch.testing.assert_close(got, expected)
+    assert not torch.equal(got, start)
