@@ -33,6 +33,8 @@ log = logging.getLogger(__name__)
 SOURCE = Path(__file__).with_name("csrc") / "grouped_lora.cpp"
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17")
 DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1}
+PAIRED_BF16_CODE = 2
+"""bf16 weights in the paired layout, for vdpbf16ps (see the kernel's header comment)."""
 CHUNK_VECTORS = 2
 """Output columns per work item, in vectors: each B vector is reused by every row of a tile."""
 
@@ -49,6 +51,8 @@ class NativeKernel:
                              ptr]  # fmt: skip
         self.tile_rows = int(library.lpx_tile_rows())
         self.lanes = int(library.lpx_lanes())
+        # Built for a CPU with AVX512-BF16: bf16 layers use the paired layout.
+        self.bf16_pairs = bool(library.lpx_bf16_pairs())
 
     def __call__(
         self,
@@ -61,7 +65,7 @@ class NativeKernel:
         # Pointer arguments of the layer and the step are packed once (`args`): this
         # call sits on the per-layer hot path, where Python overhead adds up.
         status = self._fn(
-            DTYPE_CODES[x.dtype], x.data_ptr(), x.stride(0), x.shape[1], y.data_ptr(),
+            weights.code, x.data_ptr(), x.stride(0), x.shape[1], y.data_ptr(),
             y.stride(0), *weights.args, *tiles.args, weights.scale, shrunk.data_ptr(),
         )  # fmt: skip
         if status != 0:
@@ -194,11 +198,15 @@ class NativeLayerWeights:
     """One LoRA layer's weights for every slot, in the kernel's layout."""
 
     key: tuple
+    code: int
+    """The kernel's dtype code: DTYPE_CODES, or PAIRED_BF16_CODE."""
     scale: float
     """LoRA scaling, applied in float32 by the kernel."""
     at: torch.Tensor
     """(slots, in, srp): every slice's A^T side by side along the rank, zero-padded to a
-    whole number of vectors."""
+    whole number of vectors; paired: (slots, in / 2, srp, 2)."""
+    srp: int
+    """Shrink columns: every slice's rank, padded to whole vectors."""
     bt: torch.Tensor
     """(slots, rank * width): per slot, each output chunk's (rank, chunk columns) block of
     B^T, contiguous, at rank * the chunk's first column."""
@@ -213,7 +221,7 @@ class NativeLayerWeights:
     def args(self) -> tuple[int, ...]:
         """The kernel's per-layer arguments."""
         return (
-            self.at.data_ptr(), self.at.shape[2], self.bt.data_ptr(), self.rank, self.width,
+            self.at.data_ptr(), self.srp, self.bt.data_ptr(), self.rank, self.width,
             self.chunk_col.data_ptr(), self.chunk_vecs.data_ptr(),
             self.chunk_rank_col.data_ptr(), self.chunk_col.numel(),
         )  # fmt: skip
@@ -232,6 +240,20 @@ def supports(
     )
 
 
+def use_bf16_pairs(
+    kernel: NativeKernel, dtype: torch.dtype, lora_a: tuple[torch.Tensor, ...]
+) -> bool:
+    """Whether a layer runs the paired bf16 path: AVX512-BF16, even input size and rank."""
+    rank, in_size = lora_a[0].shape[-2:]
+    return kernel.bf16_pairs and dtype == torch.bfloat16 and rank % 2 == 0 and in_size % 2 == 0
+
+
+def _pair_rows(t: torch.Tensor) -> torch.Tensor:
+    """(..., rows, cols) -> (..., rows / 2, cols, 2): consecutive rows interleaved."""
+    *lead, rows, cols = t.shape
+    return t.reshape(*lead, rows // 2, 2, cols).transpose(-1, -2)
+
+
 def prepare_native_weights(
     lora_a: tuple[torch.Tensor, ...],
     lora_b: tuple[torch.Tensor, ...],
@@ -239,12 +261,16 @@ def prepare_native_weights(
     dtype: torch.dtype,
     lanes: int,
     cached: NativeLayerWeights | None = None,
+    *,
+    paired: bool = False,
 ) -> NativeLayerWeights:
-    """The layer's kernel-layout weights, reusing `cached` while vLLM wrote no slot."""
+    """The layer's kernel-layout weights, reusing `cached` while vLLM wrote no slot.
+    `paired` lays bf16 weights out for vdpbf16ps (see `use_bf16_pairs`)."""
     tensors = (*lora_a, *lora_b)
     key = (
         scale,
         dtype,
+        paired,
         tuple(t.data_ptr() for t in tensors),
         tuple(t._version for t in tensors),  # bumped by every in-place write (slot loads)
     )
@@ -254,17 +280,21 @@ def prepare_native_weights(
     padded = -(-a.shape[1] // lanes) * lanes
     at = torch.zeros(a.shape[0], a.shape[2], padded, dtype=dtype)
     at[:, :, : a.shape[1]] = a.transpose(1, 2)
+    if paired:
+        at = _pair_rows(at).contiguous()
     rank, chunk = lora_b[0].shape[-1], CHUNK_VECTORS * lanes
     cols, vecs, rank_cols, blocks, offset = [], [], [], [], 0
     for index, stacked in enumerate(lora_b):
         b_t = stacked.squeeze(1).transpose(1, 2).to(dtype)  # (slots, rank, width)
         width = b_t.shape[2]
         whole = width // chunk * chunk
-        # (slots, rank, chunks, chunk) -> (slots, chunks, rank, chunk): one block per chunk.
-        blocks.append(
-            b_t[:, :, :whole].reshape(b_t.shape[0], rank, -1, chunk).transpose(1, 2).flatten(1)
+        # (slots, rank, chunks, chunk) -> (slots, chunks, rank, chunk): one block per chunk,
+        # then the last, narrower chunk (if any).
+        pieces = (
+            b_t[:, :, :whole].reshape(b_t.shape[0], rank, -1, chunk).transpose(1, 2),
+            b_t[:, :, whole:],
         )
-        blocks.append(b_t[:, :, whole:].flatten(1))  # the last, narrower chunk (if any)
+        blocks += [(_pair_rows(piece) if paired else piece).flatten(1) for piece in pieces]
         for start in range(0, width, chunk):
             cols.append(offset + start)
             vecs.append(min(chunk, width - start) // lanes)
@@ -272,8 +302,10 @@ def prepare_native_weights(
         offset += width
     return NativeLayerWeights(
         key=key,
+        code=PAIRED_BF16_CODE if paired else DTYPE_CODES[dtype],
         scale=scale,
         at=at,
+        srp=padded,
         bt=torch.cat(blocks, dim=1),
         rank=rank,
         width=offset,

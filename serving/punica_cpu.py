@@ -33,6 +33,7 @@ from loraplex.serving.native_lora import (
     load_kernel,
     prepare_native_weights,
     supports,
+    use_bf16_pairs,
 )
 
 
@@ -173,10 +174,16 @@ class FusedPunicaWrapperCPU(GroupedPunicaWrapperCPU):
             )
         layer = id(lora_a_stacked[0])
         weights = prepare_native_weights(
-            lora_a_stacked, lora_b_stacked, scale, y.dtype, kernel.lanes, self._native.get(layer)
+            lora_a_stacked,
+            lora_b_stacked,
+            scale,
+            y.dtype,
+            kernel.lanes,
+            self._native.get(layer),
+            paired=use_bf16_pairs(kernel, y.dtype, lora_a_stacked),
         )
         self._native[layer] = weights
-        rows = (tiles.rows.numel() + kernel.tile_rows) * weights.at.shape[2]
+        rows = (tiles.rows.numel() + kernel.tile_rows) * weights.srp
         if self._shrunk.numel() < rows:
             self._shrunk = torch.zeros(rows)
         add_native_lora(kernel, tiles, y2, x2, weights, self._shrunk)

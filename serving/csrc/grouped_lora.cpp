@@ -19,12 +19,22 @@
 //   rows  (n)       batch rows that use a LoRA, grouped by slot
 //   tiles (n_tiles) runs of at most TILE rows of one slot: start in `rows`, length, slot
 //
-// Built with GCC/Clang vector extensions (no intrinsics) at -O3 -march=native on the
-// serving machine; parallel with OpenMP, which shares PyTorch's libgomp when loaded
-// into the same process.
+// bfloat16 on CPUs with AVX512-BF16 ("paired" layout, dtype code 2): the same two
+// phases with vdpbf16ps, which multiplies pairs of bf16 values along the contraction
+// and accumulates in float32 (half the instructions, no conversions). at and each bt
+// block then interleave consecutive contraction rows: at[slot][i/2][c][i%2] and
+// block[j/2][c][j%2]; the shrink result is rounded to bf16 before the expand, as
+// vLLM's own ops do. Requires an even in_dim and rank (Python checks).
+//
+// Built with GCC/Clang vector extensions at -O3 -march=native on the serving machine
+// (intrinsics only for vdpbf16ps); parallel with OpenMP, which shares PyTorch's
+// libgomp when loaded into the same process.
 
 #include <cstdint>
 #include <cstring>
+#if defined(__AVX512BF16__)
+#include <immintrin.h>
+#endif
 
 namespace {
 
@@ -88,7 +98,7 @@ struct Problem {
 // shrunk[pos .. pos+len) = scale * x[rows] @ at[slot], Q vectors of the rank at a time.
 // The scale is applied in float32 here: folding it into bf16 weights would round twice.
 template <class E, int TT, int Q>
-inline void shrink_tile(const Problem& p, int64_t tile, int64_t q0) {
+inline void shrink_tile_generic(const Problem& p, int64_t tile, int64_t q0) {
   typedef typename E::T T;
   const int64_t start = p.tile_start[tile], len = p.tile_len[tile];
   const T* xr[TT];
@@ -111,31 +121,31 @@ inline void shrink_tile(const Problem& p, int64_t tile, int64_t q0) {
     }
 }
 
-template <class E, int TT>
+template <class K, int TT>
 inline void shrink_rows(const Problem& p, int64_t tile) {
   const int64_t vecs = p.srp / LANES;
   int64_t q = 0;
   for (; q + MAX_SHRINK_VECS <= vecs; q += MAX_SHRINK_VECS)
-    shrink_tile<E, TT, MAX_SHRINK_VECS>(p, tile, q * LANES);
+    K::template shrink_tile<TT, MAX_SHRINK_VECS>(p, tile, q * LANES);
   switch (vecs - q) {
-    case 2: shrink_tile<E, TT, 2>(p, tile, q * LANES); break;
-    case 1: shrink_tile<E, TT, 1>(p, tile, q * LANES); break;
+    case 2: K::template shrink_tile<TT, 2>(p, tile, q * LANES); break;
+    case 1: K::template shrink_tile<TT, 1>(p, tile, q * LANES); break;
     default: break;
   }
 }
 
-template <class E>
+template <class K>
 inline void shrink(const Problem& p, int64_t tile) {
   const int32_t len = p.tile_len[tile];
-  if (len > 4) shrink_rows<E, 8>(p, tile);
-  else if (len > 2) shrink_rows<E, 4>(p, tile);
-  else if (len > 1) shrink_rows<E, 2>(p, tile);
-  else shrink_rows<E, 1>(p, tile);
+  if (len > 4) shrink_rows<K, 8>(p, tile);
+  else if (len > 2) shrink_rows<K, 4>(p, tile);
+  else if (len > 1) shrink_rows<K, 2>(p, tile);
+  else shrink_rows<K, 1>(p, tile);
 }
 
 // y[rows, col0 : col0 + NV*16) += shrunk[rows, slice's rank] @ the chunk's block of bt.
 template <class E, int TT, int NV>
-inline void expand_tile(const Problem& p, int64_t tile, int64_t col0, int64_t rank_col0) {
+inline void expand_tile_generic(const Problem& p, int64_t tile, int64_t col0, int64_t rank_col0) {
   typedef typename E::T T;
   const int64_t start = p.tile_start[tile], len = p.tile_len[tile];
   const T* b = static_cast<const T*>(p.bt) + int64_t(p.tile_slot[tile]) * p.rank * p.width +
@@ -156,28 +166,107 @@ inline void expand_tile(const Problem& p, int64_t tile, int64_t col0, int64_t ra
   }
 }
 
-template <class E, int TT>
+// The element-type kernels: float32, and bf16 converted to float32 in registers.
+template <class E>
+struct Generic {
+  template <int TT, int Q>
+  static void shrink_tile(const Problem& p, int64_t tile, int64_t q0) {
+    shrink_tile_generic<E, TT, Q>(p, tile, q0);
+  }
+  template <int TT, int NV>
+  static void expand_tile(const Problem& p, int64_t tile, int64_t col0, int64_t rank_col0) {
+    expand_tile_generic<E, TT, NV>(p, tile, col0, rank_col0);
+  }
+};
+
+#if defined(__AVX512BF16__)
+// bf16 with vdpbf16ps over pairs of contraction rows (layouts in the header comment).
+struct PairedBF16 {
+  template <int TT, int Q>
+  static void shrink_tile(const Problem& p, int64_t tile, int64_t q0) {
+    const int64_t start = p.tile_start[tile], len = p.tile_len[tile];
+    const uint32_t* xr[TT];  // a row of x as bf16 pairs
+    for (int t = 0; t < TT; ++t)
+      xr[t] = reinterpret_cast<const uint32_t*>(static_cast<const uint16_t*>(p.x) +
+                                                p.rows[start + (t < len ? t : len - 1)] *
+                                                    p.x_stride);
+    const uint16_t* a = static_cast<const uint16_t*>(p.at) +
+                        int64_t(p.tile_slot[tile]) * p.in_dim * p.srp + 2 * q0;
+    __m512 acc[TT][Q];
+    for (int t = 0; t < TT; ++t)
+      for (int q = 0; q < Q; ++q) acc[t][q] = _mm512_setzero_ps();
+    for (int64_t i = 0; i < p.in_dim / 2; ++i, a += 2 * p.srp) {
+      __m512bh w[Q];
+      for (int q = 0; q < Q; ++q) w[q] = (__m512bh)_mm512_loadu_si512(a + q * 2 * LANES);
+      for (int t = 0; t < TT; ++t) {
+        uint32_t pair;
+        std::memcpy(&pair, xr[t] + i, 4);
+        const __m512bh xv = (__m512bh)_mm512_set1_epi32(int(pair));
+        for (int q = 0; q < Q; ++q) acc[t][q] = _mm512_dpbf16_ps(acc[t][q], xv, w[q]);
+      }
+    }
+    // The shrink result as bf16 (rounded to nearest even), for the paired expand.
+    uint16_t* out = reinterpret_cast<uint16_t*>(p.shrunk);
+    for (int t = 0; t < len; ++t)
+      for (int q = 0; q < Q; ++q) {
+        const __m256bh h = _mm512_cvtneps_pbh(_mm512_mul_ps(acc[t][q], _mm512_set1_ps(p.scale)));
+        std::memcpy(out + (start + t) * p.srp + q0 + q * LANES, &h, sizeof h);
+      }
+  }
+
+  template <int TT, int NV>
+  static void expand_tile(const Problem& p, int64_t tile, int64_t col0, int64_t rank_col0) {
+    const int64_t start = p.tile_start[tile], len = p.tile_len[tile];
+    const uint16_t* b = static_cast<const uint16_t*>(p.bt) +
+                        int64_t(p.tile_slot[tile]) * p.rank * p.width + p.rank * col0;
+    const uint16_t* s = reinterpret_cast<const uint16_t*>(p.shrunk) + start * p.srp + rank_col0;
+    __m512 acc[TT][NV];
+    for (int t = 0; t < TT; ++t)
+      for (int v = 0; v < NV; ++v) acc[t][v] = _mm512_setzero_ps();
+    for (int64_t j = 0; j < p.rank; j += 2, b += 2 * NV * LANES) {
+      __m512bh w[NV];
+      for (int v = 0; v < NV; ++v) w[v] = (__m512bh)_mm512_loadu_si512(b + v * 2 * LANES);
+      for (int t = 0; t < TT; ++t) {
+        uint32_t pair;
+        std::memcpy(&pair, s + t * p.srp + j, 4);
+        const __m512bh sv = (__m512bh)_mm512_set1_epi32(int(pair));
+        for (int v = 0; v < NV; ++v) acc[t][v] = _mm512_dpbf16_ps(acc[t][v], sv, w[v]);
+      }
+    }
+    for (int t = 0; t < len; ++t) {
+      uint16_t* out = static_cast<uint16_t*>(p.y) + p.rows[start + t] * p.y_stride + col0;
+      for (int v = 0; v < NV; ++v) {
+        vf sum;
+        std::memcpy(&sum, &acc[t][v], sizeof sum);
+        BF16::store(out + v * LANES, BF16::load(out + v * LANES) + sum);
+      }
+    }
+  }
+};
+#endif
+
+template <class K, int TT>
 inline void expand_rows(const Problem& p, int64_t tile, int64_t col0, int64_t vecs,
                         int64_t rank_col0) {
-  if (vecs == 2) expand_tile<E, TT, 2>(p, tile, col0, rank_col0);
-  else expand_tile<E, TT, 1>(p, tile, col0, rank_col0);
+  if (vecs == 2) K::template expand_tile<TT, 2>(p, tile, col0, rank_col0);
+  else K::template expand_tile<TT, 1>(p, tile, col0, rank_col0);
 }
 
-template <class E>
+template <class K>
 inline void expand(const Problem& p, int64_t tile, int64_t col0, int64_t vecs, int64_t rank_col0) {
   const int32_t len = p.tile_len[tile];
-  if (len > 4) expand_rows<E, 8>(p, tile, col0, vecs, rank_col0);
-  else if (len > 2) expand_rows<E, 4>(p, tile, col0, vecs, rank_col0);
-  else if (len > 1) expand_rows<E, 2>(p, tile, col0, vecs, rank_col0);
-  else expand_rows<E, 1>(p, tile, col0, vecs, rank_col0);
+  if (len > 4) expand_rows<K, 8>(p, tile, col0, vecs, rank_col0);
+  else if (len > 2) expand_rows<K, 4>(p, tile, col0, vecs, rank_col0);
+  else if (len > 1) expand_rows<K, 2>(p, tile, col0, vecs, rank_col0);
+  else expand_rows<K, 1>(p, tile, col0, vecs, rank_col0);
 }
 
-template <class E>
+template <class K>
 void run(const Problem& p) {
   #pragma omp parallel
   {
     #pragma omp for schedule(static)
-    for (int64_t tile = 0; tile < p.n_tiles; ++tile) shrink<E>(p, tile);
+    for (int64_t tile = 0; tile < p.n_tiles; ++tile) shrink<K>(p, tile);
     // Implicit barrier: every row's shrink is done before any expand reads it.
     // Tile-major work items: a thread walks its rows of y in memory order and the
     // slot's weight blocks in memory order (tiles of one slot are adjacent, so a block
@@ -185,7 +274,7 @@ void run(const Problem& p) {
     #pragma omp for collapse(2) schedule(static)
     for (int64_t tile = 0; tile < p.n_tiles; ++tile)
       for (int64_t c = 0; c < p.n_chunks; ++c)
-        expand<E>(p, tile, p.chunk_col[c], p.chunk_vecs[c], p.chunk_rank_col[c]);
+        expand<K>(p, tile, p.chunk_col[c], p.chunk_vecs[c], p.chunk_rank_col[c]);
   }
 }
 
@@ -193,7 +282,8 @@ void run(const Problem& p) {
 
 extern "C" {
 
-// dtype: 0 = float32, 1 = bfloat16. Returns 0, or -1 for an unsupported dtype.
+// dtype: 0 = float32, 1 = bfloat16, 2 = bfloat16 in the paired layout (only when
+// lpx_bf16_pairs() is 1). Returns 0, or -1 for an unsupported dtype.
 int lpx_grouped_lora(int dtype, const void* x, int64_t x_stride, int64_t in_dim, void* y,
                      int64_t y_stride, const void* at, int64_t srp, const void* bt,
                      int64_t rank, int64_t width, const int32_t* chunk_col,
@@ -206,11 +296,20 @@ int lpx_grouped_lora(int dtype, const void* x, int64_t x_stride, int64_t in_dim,
                   srp,      bt,        rank,           width,    chunk_col,  chunk_vecs,
                   chunk_rank_col, n_chunks, rows, tile_start, tile_len, tile_slot,
                   n_tiles,  scale,     shrunk};
-  if (dtype == 0) run<F32>(p);
-  else if (dtype == 1) run<BF16>(p);
+  if (dtype == 0) run<Generic<F32>>(p);
+  else if (dtype == 1) run<Generic<BF16>>(p);
+#if defined(__AVX512BF16__)
+  else if (dtype == 2) run<PairedBF16>(p);
+#endif
   else return -1;
   return 0;
 }
+
+#if defined(__AVX512BF16__)
+int lpx_bf16_pairs() { return 1; }
+#else
+int lpx_bf16_pairs() { return 0; }
+#endif
 
 int lpx_tile_rows() { return TILE; }
 int lpx_lanes() { return LANES; }

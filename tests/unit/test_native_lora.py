@@ -26,16 +26,21 @@ def kernel() -> native_lora.NativeKernel:
     return loaded
 
 
-def _reference(y, x, slots, lora_a, lora_b, scale) -> torch.Tensor:
-    """Row by row in float64: y + scale * B_slot (A_slot x) for each slice."""
-    out = y.double().clone()
+def _reference(y, x, slots, lora_a, lora_b, scale, magnitude=False) -> torch.Tensor:
+    """Row by row in float64: y + scale * B_slot (A_slot x) for each slice. `magnitude`:
+    instead, sum_j |scale * (A_slot x)_j| |B_slot[:, j]|, what rounding the shrink
+    result scales with."""
+    out = torch.zeros_like(y, dtype=torch.float64) if magnitude else y.double().clone()
     for row, slot in enumerate(slots):
         if slot < 0:
             continue
         offset = 0
         for a, b in zip(lora_a, lora_b, strict=True):
-            delta = b[slot, 0].double() @ (a[slot, 0].double() @ x[row].double())
-            out[row, offset : offset + b.shape[2]] += scale * delta
+            shrunk = scale * (a[slot, 0].double() @ x[row].double())
+            weights = b[slot, 0].double()
+            if magnitude:
+                shrunk, weights = shrunk.abs(), weights.abs()
+            out[row, offset : offset + b.shape[2]] += weights @ shrunk
             offset += b.shape[2]
     return out
 
@@ -53,11 +58,11 @@ def _case(slots, in_size, widths, rank, dtype, seed=0):
     return lora_a, lora_b, x, y
 
 
-def _run(kernel, slots, lora_a, lora_b, x, y, scale=0.75) -> torch.Tensor:
+def _run(kernel, slots, lora_a, lora_b, x, y, scale=0.75, paired=False) -> torch.Tensor:
     tiles = NativeTiles.from_token_slots(torch.tensor(slots), kernel.tile_rows)
     assert tiles is not None
-    weights = prepare_native_weights(lora_a, lora_b, scale, y.dtype, kernel.lanes)
-    shrunk = torch.zeros(len(slots) + kernel.tile_rows, weights.at.shape[2])
+    weights = prepare_native_weights(lora_a, lora_b, scale, y.dtype, kernel.lanes, paired=paired)
+    shrunk = torch.zeros(len(slots) + kernel.tile_rows, weights.srp)
     out = y.clone()
     add_native_lora(kernel, tiles, out, x, weights, shrunk)
     return out
@@ -79,7 +84,7 @@ def test_every_tile_length_and_rank_padding(kernel, group_sizes, rank) -> None:
 def test_bfloat16_rounds_once_like_torch(kernel) -> None:
     slots = [0, 1, -1, 1, 0, 2]
     lora_a, lora_b, x, y = _case(slots, 576, (576,), 16, torch.bfloat16)
-    got = _run(kernel, slots, lora_a, lora_b, x, y)
+    got = _run(kernel, slots, lora_a, lora_b, x, y, paired=False)
     exact = _reference(y, x, slots, lora_a, lora_b, 0.75)
     # Float32 accumulation and one rounding: within half a bf16 step (up to 2^-8 relative) of
     # the exact answer, plus float32 noise where y and the delta cancel.
@@ -143,3 +148,23 @@ def test_a_failing_compiler_names_the_source(tmp_path, monkeypatch) -> None:
     with pytest.raises(RuntimeError, match=r"grouped_lora\.cpp"):
         native_lora.build(tmp_path)
     assert not list(tmp_path.glob("*.so")), "a failed build left a library behind"
+
+
+@pytest.mark.parametrize("group_sizes", [[1], [3, 1, 2], [5, 9, 4], [13]])
+@pytest.mark.parametrize("rank", [8, 16, 64])
+def test_paired_bfloat16_path(kernel, group_sizes, rank) -> None:
+    """vdpbf16ps over interleaved pairs (AVX512-BF16 CPUs): like vLLM's ops, the shrink
+    result is rounded to bf16 (2^-9 relative) before the expand, on top of the final
+    rounding of y."""
+    if not kernel.bf16_pairs:
+        pytest.skip("this CPU has no AVX512-BF16")
+    slots = [slot for slot, size in enumerate(group_sizes) for _ in range(size)]
+    slots = [-1, *slots[1::2], *slots[::2]]
+    lora_a, lora_b, x, y = _case(slots, 96, (64, 32, 48), rank, torch.bfloat16)
+    got = _run(kernel, slots, lora_a, lora_b, x, y, paired=True)
+    exact = _reference(y, x, slots, lora_a, lora_b, 0.75)
+    magnitude = _reference(y, x, slots, lora_a, lora_b, 0.75, magnitude=True)
+    error = (got.double() - exact).abs()
+    bound = exact.abs() * 2.0**-8 + magnitude * 2.0**-8 + 1e-4
+    assert bool((error <= bound).all()), float((error - bound).max())
+    assert torch.equal(got[0], y[0]), "the row without a LoRA changed"
