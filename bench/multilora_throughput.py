@@ -113,7 +113,7 @@ def plot(summary: dict, kernels: list[str], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 3.5))
+    fig, ax = plt.subplots(figsize=(7, 4))
     width = 0.8 / len(kernels)
     for index, name in enumerate(kernels):
         ratios = [summary[row][name]["ratio_to_base"] for row in ROWS]
@@ -124,7 +124,8 @@ def plot(summary: dict, kernels: list[str], path: Path) -> None:
     ax.set_xticks([i + width * (len(kernels) - 1) / 2 for i in range(len(ROWS))], ROWS)
     ax.set_ylabel("output tok/s / base tok/s")
     ax.set_ylim(0, 1.15)
-    ax.legend(fontsize=8)
+    # Below the axes: inside, it covers the bars' labels.
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=len(kernels) + 1)
     ax.set_title("Multi-LoRA throughput on CPU, relative to the base model")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
