@@ -148,30 +148,43 @@ class Catalog:
     # ---- reading -------------------------------------------------------------------------
 
     def resolve(self, ref: AdapterRef) -> VersionRecord:
-        """The version `ref` names now. Raises CatalogLookupError naming what is missing."""
-        with self.engine.connect() as conn:
-            adapter_id = self._adapter_id(conn, str(ref.name))
-            query = sa.select(*_VERSION_COLUMNS).join(
-                adapters_table, adapters_table.c.id == versions_table.c.adapter_id
+        """The version `ref` names now. Raises UnknownAdapter when the adapter is not in the
+        catalog, CatalogLookupError naming what is missing otherwise.
+
+        One query (every request with an adapter name runs it; against a database over
+        the network each round trip counts): the adapter row, outer-joined to the version
+        the reference names, so a miss still tells "no such adapter" from "no such
+        version or alias"."""
+        if ref.version is not None:
+            version = sa.and_(
+                versions_table.c.adapter_id == adapters_table.c.id,
+                versions_table.c.number == ref.version,
             )
-            if ref.version is not None:
-                query = query.where(
-                    versions_table.c.adapter_id == adapter_id,
-                    versions_table.c.number == ref.version,
-                )
-                missing = f"adapter {ref.name} has no version v{ref.version}"
-            else:
-                alias = ref.alias or LATEST
-                query = query.join(
-                    aliases_table, aliases_table.c.version_id == versions_table.c.id
-                ).where(aliases_table.c.adapter_id == adapter_id, aliases_table.c.alias == alias)
-                missing = (
-                    f"adapter {ref.name} has no alias @{alias}"
-                    if ref.alias
-                    else f"adapter {ref.name} has no published version"
-                )
+            source = adapters_table.outerjoin(versions_table, version)
+            missing = f"adapter {ref.name} has no version v{ref.version}"
+        else:
+            alias = ref.alias or LATEST
+            named = sa.and_(
+                aliases_table.c.adapter_id == adapters_table.c.id, aliases_table.c.alias == alias
+            )
+            source = adapters_table.outerjoin(aliases_table, named).outerjoin(
+                versions_table, versions_table.c.id == aliases_table.c.version_id
+            )
+            missing = (
+                f"adapter {ref.name} has no alias @{alias}"
+                if ref.alias
+                else f"adapter {ref.name} has no published version"
+            )
+        query = (
+            sa.select(*_VERSION_COLUMNS)
+            .select_from(source)
+            .where(adapters_table.c.name == str(ref.name))
+        )
+        with self.engine.connect() as conn:
             row = conn.execute(query).first()
         if row is None:
+            raise UnknownAdapter(f"adapter {ref.name} is not in the registry")
+        if row.id is None:
             raise CatalogLookupError(missing)
         return _record(row)
 

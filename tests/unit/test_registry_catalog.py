@@ -72,8 +72,9 @@ def test_aliases_and_unknown_names(catalog: Catalog):
         resolve(catalog, "acme/bot:v9")
     with pytest.raises(CatalogLookupError, match="no alias @beta"):
         resolve(catalog, "acme/bot@beta")
-    with pytest.raises(UnknownAdapter):
-        resolve(catalog, "acme/other")
+    for unknown in ("acme/other", "acme/other:v1", "acme/other@stable"):
+        with pytest.raises(UnknownAdapter):
+            resolve(catalog, unknown)
 
 
 def test_rollback_moves_latest_back_one_version_at_a_time(catalog: Catalog):
