@@ -33,6 +33,21 @@ import torch
 MAX_PADDING_FACTOR = 1.5
 
 
+def rows_by_slot(
+    token_slots: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """(rows using a LoRA, grouped by slot in batch order within a slot; the slots,
+    ascending; rows per slot), or None when no row uses a LoRA (slot -1)."""
+    rows = torch.nonzero(token_slots >= 0).squeeze(1)
+    if rows.numel() == 0:
+        return None
+    slot_of_row = token_slots[rows]
+    order = torch.argsort(slot_of_row, stable=True)
+    rows, slot_of_row = rows[order], slot_of_row[order]
+    slots, counts = torch.unique_consecutive(slot_of_row, return_counts=True)
+    return rows, slots, counts
+
+
 @dataclass(frozen=True)
 class LoRAGroups:
     """Tokens of one step grouped by the LoRA slot they use (slot -1 = no LoRA)."""
@@ -63,13 +78,10 @@ class LoRAGroups:
     @staticmethod
     def from_token_slots(token_slots: torch.Tensor) -> LoRAGroups | None:
         """Group the batch rows by slot; None when no row uses a LoRA."""
-        rows = torch.nonzero(token_slots >= 0).squeeze(1)
-        if rows.numel() == 0:
+        grouped = rows_by_slot(token_slots)
+        if grouped is None:
             return None
-        slot_of_row = token_slots[rows]
-        order = torch.argsort(slot_of_row, stable=True)
-        rows, slot_of_row = rows[order], slot_of_row[order]
-        slots, counts_t = torch.unique_consecutive(slot_of_row, return_counts=True)
+        rows, slots, counts_t = grouped
         counts = counts_t.tolist()
         k, widest, n = len(counts), max(counts), rows.numel()
         use_bmm = k * widest <= MAX_PADDING_FACTOR * n

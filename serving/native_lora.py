@@ -28,6 +28,8 @@ from pathlib import Path
 
 import torch
 
+from loraplex.serving.cpu_lora_ops import rows_by_slot
+
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("csrc") / "grouped_lora.cpp"
@@ -62,6 +64,8 @@ class NativeKernel:
         weights: NativeLayerWeights,
         shrunk: torch.Tensor,
     ) -> None:
+        """y[rows, :width] += the LoRA delta of each row's slot, in place; `shrunk` is
+        float32 scratch of at least (LoRA rows + tile_rows) x weights.srp."""
         # Pointer arguments of the layer and the step are packed once (`args`): this
         # call sits on the per-layer hot path, where Python overhead adds up.
         status = self._fn(
@@ -170,13 +174,10 @@ class NativeTiles:
     @staticmethod
     def from_token_slots(token_slots: torch.Tensor, tile_rows: int) -> NativeTiles | None:
         """None when no row uses a LoRA."""
-        rows = torch.nonzero(token_slots >= 0).squeeze(1)
-        if rows.numel() == 0:
+        grouped = rows_by_slot(token_slots)
+        if grouped is None:
             return None
-        slot_of_row = token_slots[rows]
-        order = torch.argsort(slot_of_row, stable=True)
-        rows, slot_of_row = rows[order], slot_of_row[order]
-        slots, counts = torch.unique_consecutive(slot_of_row, return_counts=True)
+        rows, slots, counts = grouped
         starts, lengths, tile_slots, position = [], [], [], 0
         for slot, count in zip(slots.tolist(), counts.tolist(), strict=True):
             for offset in range(0, count, tile_rows):
@@ -313,16 +314,3 @@ def prepare_native_weights(
         chunk_vecs=_int32(vecs),
         chunk_rank_col=_int32(rank_cols),
     )
-
-
-def add_native_lora(
-    kernel: NativeKernel,
-    tiles: NativeTiles,
-    y: torch.Tensor,
-    x: torch.Tensor,
-    weights: NativeLayerWeights,
-    shrunk: torch.Tensor,
-) -> None:
-    """y[rows, :width] += LoRA delta of each row's slot, in place; `shrunk` is float32
-    scratch of at least (rows + tile size) x srp."""
-    kernel(tiles, y, x, weights, shrunk)

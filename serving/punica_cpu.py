@@ -29,7 +29,6 @@ from loraplex.serving.cpu_lora_ops import (
 from loraplex.serving.native_lora import (
     NativeLayerWeights,
     NativeTiles,
-    add_native_lora,
     load_kernel,
     prepare_native_weights,
     supports,
@@ -186,5 +185,5 @@ class FusedPunicaWrapperCPU(GroupedPunicaWrapperCPU):
         rows = (tiles.rows.numel() + kernel.tile_rows) * weights.srp
         if self._shrunk.numel() < rows:
             self._shrunk = torch.zeros(rows)
-        add_native_lora(kernel, tiles, y2, x2, weights, self._shrunk)
+        kernel(tiles, y2, x2, weights, self._shrunk)
         return None

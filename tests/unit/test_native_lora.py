@@ -11,7 +11,6 @@ from vllm.lora.layers.utils import LoRAMapping
 from loraplex.serving import native_lora
 from loraplex.serving.native_lora import (
     NativeTiles,
-    add_native_lora,
     load_kernel,
     prepare_native_weights,
 )
@@ -64,7 +63,7 @@ def _run(kernel, slots, lora_a, lora_b, x, y, scale=0.75, paired=False) -> torch
     weights = prepare_native_weights(lora_a, lora_b, scale, y.dtype, kernel.lanes, paired=paired)
     shrunk = torch.zeros(len(slots) + kernel.tile_rows, weights.srp)
     out = y.clone()
-    add_native_lora(kernel, tiles, out, x, weights, shrunk)
+    kernel(tiles, out, x, weights, shrunk)
     return out
 
 
