@@ -129,6 +129,13 @@ def _active(stacked: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
     return stacked.index_select(0, slots).squeeze(1)
 
 
+def weights_state(lora_a: tuple[torch.Tensor, ...], lora_b: tuple[torch.Tensor, ...]) -> tuple:
+    """Changes exactly when vLLM writes a slot: the stacked tensors' storage and their
+    version counters, which every in-place write (an adapter loaded into a slot) bumps."""
+    tensors = (*lora_a, *lora_b)
+    return tuple(t.data_ptr() for t in tensors), tuple(t._version for t in tensors)
+
+
 def prepare_weights(
     groups: LoRAGroups,
     lora_a: tuple[torch.Tensor, ...],
@@ -138,14 +145,7 @@ def prepare_weights(
     cached: PreparedLoRAWeights | None = None,
 ) -> PreparedLoRAWeights:
     """The layer's prepared weights, reusing `cached` when nothing changed since."""
-    tensors = (*lora_a, *lora_b)
-    key = (
-        tuple(groups.slots.tolist()),
-        scale,
-        dtype,
-        tuple(t.data_ptr() for t in tensors),
-        tuple(t._version for t in tensors),  # bumped by every in-place write (slot loads)
-    )
+    key = (tuple(groups.slots.tolist()), scale, dtype, weights_state(lora_a, lora_b))
     if cached is not None and cached.key == key:
         return cached
     a = torch.cat([_active(t, groups.slots) for t in lora_a], dim=1).to(dtype) * scale

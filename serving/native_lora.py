@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from loraplex.serving.cpu_lora_ops import rows_by_slot
+from loraplex.serving.cpu_lora_ops import rows_by_slot, weights_state
 
 log = logging.getLogger(__name__)
 
@@ -267,14 +267,7 @@ def prepare_native_weights(
 ) -> NativeLayerWeights:
     """The layer's kernel-layout weights, reusing `cached` while vLLM wrote no slot.
     `paired` lays bf16 weights out for vdpbf16ps (see `use_bf16_pairs`)."""
-    tensors = (*lora_a, *lora_b)
-    key = (
-        scale,
-        dtype,
-        paired,
-        tuple(t.data_ptr() for t in tensors),
-        tuple(t._version for t in tensors),  # bumped by every in-place write (slot loads)
-    )
+    key = (scale, dtype, paired, weights_state(lora_a, lora_b))
     if cached is not None and cached.key == key:
         return cached
     a = torch.cat([t.squeeze(1) for t in lora_a], dim=1).to(dtype)  # (slots, S*r, in)
