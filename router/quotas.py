@@ -45,6 +45,17 @@ class Admission:
     lease_ids: list[int] = field(default_factory=list)
 
 
+# The quotas that apply to one request: the tenant's own ("" adapter) and the one for the
+# requested adapter. Built once with bound parameters: every keyed request checks them,
+# and constructing a SQLAlchemy statement costs more than running it on SQLite.
+_APPLIES = (quotas.c.tenant_id == sa.bindparam("for_tenant")) & (
+    (quotas.c.adapter == "") | (quotas.c.adapter == sa.bindparam("for_adapter"))
+)
+_ANY_QUOTA = sa.select(quotas.c.id).where(_APPLIES).limit(1)
+_LOCK_QUOTAS = quotas.update().where(_APPLIES).values(request_tat=quotas.c.request_tat)
+_QUOTA_ROWS = sa.select(quotas).where(_APPLIES).order_by(quotas.c.id)
+
+
 def quota_adapter_name(model: str) -> str:
     """The adapter a per-adapter quota names: `model` without `:version` or `@alias`."""
     return model.split("@", 1)[0].split(":", 1)[0]
@@ -63,16 +74,14 @@ class QuotaLedger:
 
         None when no quota applies (no write to the database at all).
         """
-        applies = (quotas.c.tenant_id == tenant_id) & quotas.c.adapter.in_(
-            ["", quota_adapter_name(model)]
-        )
+        which = {"for_tenant": tenant_id, "for_adapter": quota_adapter_name(model)}
         with self.engine.connect() as conn:
-            if conn.execute(sa.select(quotas.c.id).where(applies).limit(1)).first() is None:
+            if conn.execute(_ANY_QUOTA, which).first() is None:
                 return None
         with self.engine.begin() as conn:
             # Lock first (see module docstring), then read the state the lock protects.
-            conn.execute(quotas.update().where(applies).values(request_tat=quotas.c.request_tat))
-            rows = conn.execute(sa.select(quotas).where(applies).order_by(quotas.c.id)).all()
+            conn.execute(_LOCK_QUOTAS, which)
+            rows = conn.execute(_QUOTA_ROWS, which).all()
             now = self.clock()
             ids = [row.id for row in rows]
             conn.execute(
