@@ -126,31 +126,29 @@ _VERSION_COLUMNS = (
 
 # The per-request lookups, built once with bound parameters: constructing a SQLAlchemy
 # statement costs more than running it on SQLite (profiled: most of a lookup's time).
-_RESOLVE_VERSION = (
-    sa.select(*_VERSION_COLUMNS)
-    .select_from(
-        adapters_table.outerjoin(
-            versions_table,
-            sa.and_(
-                versions_table.c.adapter_id == adapters_table.c.id,
-                versions_table.c.number == sa.bindparam("number"),
-            ),
-        )
+def _version_by_name(source: sa.FromClause) -> sa.Select:
+    """The version columns from `source` (adapters outer-joined to the wanted version),
+    for the adapter named by the bound parameter `name`."""
+    return (
+        sa.select(*_VERSION_COLUMNS)
+        .select_from(source)
+        .where(adapters_table.c.name == sa.bindparam("name"))
     )
-    .where(adapters_table.c.name == sa.bindparam("name"))
+
+
+_RESOLVE_VERSION = _version_by_name(
+    adapters_table.outerjoin(
+        versions_table,
+        (versions_table.c.adapter_id == adapters_table.c.id)
+        & (versions_table.c.number == sa.bindparam("number")),
+    )
 )
-_RESOLVE_ALIAS = (
-    sa.select(*_VERSION_COLUMNS)
-    .select_from(
-        adapters_table.outerjoin(
-            aliases_table,
-            sa.and_(
-                aliases_table.c.adapter_id == adapters_table.c.id,
-                aliases_table.c.alias == sa.bindparam("alias"),
-            ),
-        ).outerjoin(versions_table, versions_table.c.id == aliases_table.c.version_id)
-    )
-    .where(adapters_table.c.name == sa.bindparam("name"))
+_RESOLVE_ALIAS = _version_by_name(
+    adapters_table.outerjoin(
+        aliases_table,
+        (aliases_table.c.adapter_id == adapters_table.c.id)
+        & (aliases_table.c.alias == sa.bindparam("alias")),
+    ).outerjoin(versions_table, versions_table.c.id == aliases_table.c.version_id)
 )
 
 
