@@ -37,8 +37,6 @@ FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17")
 DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1}
 PAIRED_BF16_CODE = 2
 """bf16 weights in the paired layout, for vdpbf16ps (see the kernel's header comment)."""
-CHUNK_VECTORS = 2
-"""Output columns per work item, in vectors: each B vector is reused by every row of a tile."""
 
 
 class NativeKernel:
@@ -53,6 +51,8 @@ class NativeKernel:
                              ptr]  # fmt: skip
         self.tile_rows = int(library.lpx_tile_rows())
         self.lanes = int(library.lpx_lanes())
+        # Output vectors per expand work item: the B layout must match the kernel's.
+        self.chunk_vectors = int(library.lpx_chunk_vectors())
         # Built for a CPU with AVX512-BF16: bf16 layers use the paired layout.
         self.bf16_pairs = bool(library.lpx_bf16_pairs())
 
@@ -256,11 +256,11 @@ def _pair_rows(t: torch.Tensor) -> torch.Tensor:
 
 
 def prepare_native_weights(
+    kernel: NativeKernel,
     lora_a: tuple[torch.Tensor, ...],
     lora_b: tuple[torch.Tensor, ...],
     scale: float,
     dtype: torch.dtype,
-    lanes: int,
     cached: NativeLayerWeights | None = None,
     *,
     paired: bool = False,
@@ -270,13 +270,14 @@ def prepare_native_weights(
     key = (scale, dtype, paired, weights_state(lora_a, lora_b))
     if cached is not None and cached.key == key:
         return cached
+    lanes = kernel.lanes
     a = torch.cat([t.squeeze(1) for t in lora_a], dim=1).to(dtype)  # (slots, S*r, in)
     padded = -(-a.shape[1] // lanes) * lanes
     at = torch.zeros(a.shape[0], a.shape[2], padded, dtype=dtype)
     at[:, :, : a.shape[1]] = a.transpose(1, 2)
     if paired:
         at = _pair_rows(at).contiguous()
-    rank, chunk = lora_b[0].shape[-1], CHUNK_VECTORS * lanes
+    rank, chunk = lora_b[0].shape[-1], kernel.chunk_vectors * lanes
     cols, vecs, rank_cols, blocks, offset = [], [], [], [], 0
     for index, stacked in enumerate(lora_b):
         b_t = stacked.squeeze(1).transpose(1, 2).to(dtype)  # (slots, rank, width)

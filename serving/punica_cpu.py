@@ -173,11 +173,11 @@ class FusedPunicaWrapperCPU(GroupedPunicaWrapperCPU):
             )
         layer = id(lora_a_stacked[0])
         weights = prepare_native_weights(
+            kernel,
             lora_a_stacked,
             lora_b_stacked,
             scale,
             y.dtype,
-            kernel.lanes,
             self._native.get(layer),
             paired=use_bf16_pairs(kernel, y.dtype, lora_a_stacked),
         )

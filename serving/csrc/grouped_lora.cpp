@@ -45,6 +45,7 @@ namespace {
 constexpr int TILE = 8;
 constexpr int MAX_SHRINK_VECS = 3;  // rank vectors per shrink pass
 constexpr int LANES = 16;           // floats per vector
+constexpr int CHUNK_VECS = 2;       // output vectors per work item (expand_rows handles 1-2)
 
 typedef float vf __attribute__((vector_size(64)));
 typedef uint32_t vu __attribute__((vector_size(64)));
@@ -313,5 +314,6 @@ int lpx_bf16_pairs() { return 0; }
 
 int lpx_tile_rows() { return TILE; }
 int lpx_lanes() { return LANES; }
+int lpx_chunk_vectors() { return CHUNK_VECS; }
 
 }  // extern "C"

@@ -60,7 +60,7 @@ def _case(slots, in_size, widths, rank, dtype, seed=0):
 def _run(kernel, slots, lora_a, lora_b, x, y, scale=0.75, paired=False) -> torch.Tensor:
     tiles = NativeTiles.from_token_slots(torch.tensor(slots), kernel.tile_rows)
     assert tiles is not None
-    weights = prepare_native_weights(lora_a, lora_b, scale, y.dtype, kernel.lanes, paired=paired)
+    weights = prepare_native_weights(kernel, lora_a, lora_b, scale, y.dtype, paired=paired)
     shrunk = torch.zeros(len(slots) + kernel.tile_rows, weights.srp)
     out = y.clone()
     kernel(tiles, out, x, weights, shrunk)
