@@ -158,32 +158,29 @@ class FusedPunicaWrapperCPU(GroupedPunicaWrapperCPU):
         **kwargs: Any,
     ) -> None:
         kernel, tiles = self._kernel, self._tiles
-        if kernel is not None and tiles is None and buffer is None:
-            return None  # no token in this step uses a LoRA
-        x2, y2 = x.view(-1, x.shape[-1]), y.view(-1, y.shape[-1])
-        if (
-            kernel is None
-            or tiles is None
-            or buffer is not None
-            or tiles.num_tokens != x2.size(0)
-            or not supports(x2, y2, lora_b_stacked, kernel.lanes)
-        ):
-            return super().add_lora_linear(
-                y, x, lora_a_stacked, lora_b_stacked, scale, output_slices, buffer=buffer, **kwargs
-            )
-        layer = id(lora_a_stacked[0])
-        weights = prepare_native_weights(
-            kernel,
-            lora_a_stacked,
-            lora_b_stacked,
-            scale,
-            y.dtype,
-            self._native.get(layer),
-            paired=use_bf16_pairs(kernel, y.dtype, lora_a_stacked),
+        if kernel is not None and buffer is None:
+            if tiles is None:
+                return None  # no token in this step uses a LoRA
+            x2, y2 = x.view(-1, x.shape[-1]), y.view(-1, y.shape[-1])
+            if tiles.num_tokens == x2.size(0) and supports(x2, y2, lora_b_stacked, kernel.lanes):
+                layer = id(lora_a_stacked[0])
+                weights = prepare_native_weights(
+                    kernel,
+                    lora_a_stacked,
+                    lora_b_stacked,
+                    scale,
+                    y.dtype,
+                    self._native.get(layer),
+                    paired=use_bf16_pairs(kernel, y.dtype, lora_a_stacked),
+                )
+                self._native[layer] = weights
+                rows = (tiles.rows.numel() + kernel.tile_rows) * weights.srp
+                if self._shrunk.numel() < rows:
+                    self._shrunk = torch.zeros(rows)
+                kernel(tiles, y2, x2, weights, self._shrunk)
+                return None
+        # No kernel, a caller-owned buffer, rows padded or trimmed beyond the step's
+        # mapping, or a layer the kernel does not cover: the grouped torch ops.
+        return super().add_lora_linear(
+            y, x, lora_a_stacked, lora_b_stacked, scale, output_slices, buffer=buffer, **kwargs
         )
-        self._native[layer] = weights
-        rows = (tiles.rows.numel() + kernel.tile_rows) * weights.srp
-        if self._shrunk.numel() < rows:
-            self._shrunk = torch.zeros(rows)
-        kernel(tiles, y2, x2, weights, self._shrunk)
-        return None
