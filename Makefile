@@ -26,15 +26,17 @@ serve: setup
 	  cp -r runs/tasks/$(DEMO_TASK) "$(ADAPTERS)/tasks/"; }
 	$(BIN)/loraplex serve --adapters-dir "$(ADAPTERS)"
 
-test: setup services
-	$(BIN)/ruff check .
+test: setup services lint
 	$(BIN)/python -m pytest -q -p no:cacheprovider tests
 
 unit: setup
 	$(BIN)/python -m pytest -q -p no:cacheprovider tests/unit
 
+# Lint rules, the one formatter, and the import rules of DESIGN.md (pyproject.toml).
 lint: setup
 	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	@scripts/check-imports.sh
 
 bench: setup
 	$(BIN)/python bench/router_overhead.py

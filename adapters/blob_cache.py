@@ -79,9 +79,12 @@ class BlobCache:
                 shutil.rmtree(staging, ignore_errors=True)
             log.info(
                 "adapter blob downloaded and verified",
-                extra={"digest": digest, "bytes": content.size,
-                       "seconds": round(time.monotonic() - started, 3)},
-            )  # fmt: skip
+                extra={
+                    "digest": digest,
+                    "bytes": content.size,
+                    "seconds": round(time.monotonic() - started, 3),
+                },
+            )
         self.evict(keep={digest})
         return target
 

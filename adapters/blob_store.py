@@ -178,13 +178,17 @@ class S3BlobStore:
                 progress(f"uploading {entry.name} ({entry.size / 1e6:.1f} MB)")
             self._call(
                 self._s3.upload_file,
-                str(source / entry.name), self.bucket, self._key(digest, entry.name),
-            )  # fmt: skip
+                str(source / entry.name),
+                self.bucket,
+                self._key(digest, entry.name),
+            )
         # The index goes last: until it exists the blob does not exist for readers.
         self._call(
             self._s3.put_object,
-            Bucket=self.bucket, Key=self._key(digest, INDEX_FILE), Body=content.index_bytes,
-        )  # fmt: skip
+            Bucket=self.bucket,
+            Key=self._key(digest, INDEX_FILE),
+            Body=content.index_bytes,
+        )
 
     def fetch(self, digest: str, target: Path) -> None:
         index = self._call(
@@ -197,8 +201,10 @@ class S3BlobStore:
         for entry in parse_index(index, digest).files:
             self._call(
                 self._s3.download_file,
-                self.bucket, self._key(digest, entry.name), str(target / entry.name),
-            )  # fmt: skip
+                self.bucket,
+                self._key(digest, entry.name),
+                str(target / entry.name),
+            )
 
     def delete(self, digest: str) -> None:
         # Index first: the blob disappears for readers before its files do.

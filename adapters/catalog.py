@@ -21,15 +21,17 @@ from loraplex.adapters.refs import LATEST, AdapterRef
 
 metadata = sa.MetaData()
 adapters_table = sa.Table(
-    "registry_adapters", metadata,
+    "registry_adapters",
+    metadata,
     sa.Column("id", sa.Integer, primary_key=True),
     sa.Column("name", sa.String(129), nullable=False, unique=True),
     sa.Column("tenant", sa.String(64), nullable=False, index=True),
     sa.Column("last_number", sa.Integer, nullable=False, server_default="0"),
     sa.Column("created_at", sa.DateTime, nullable=False),
-)  # fmt: skip
+)
 versions_table = sa.Table(
-    "registry_versions", metadata,
+    "registry_versions",
+    metadata,
     sa.Column("id", sa.Integer, primary_key=True),
     sa.Column("adapter_id", sa.Integer, sa.ForeignKey("registry_adapters.id"), nullable=False),
     sa.Column("number", sa.Integer, nullable=False),
@@ -38,14 +40,15 @@ versions_table = sa.Table(
     sa.Column("manifest", sa.JSON, nullable=True),
     sa.Column("created_at", sa.DateTime, nullable=False),
     sa.Column("published_at", sa.DateTime, nullable=False),
-)  # fmt: skip
+)
 aliases_table = sa.Table(
-    "registry_aliases", metadata,
+    "registry_aliases",
+    metadata,
     sa.Column("adapter_id", sa.Integer, sa.ForeignKey("registry_adapters.id"), primary_key=True),
     sa.Column("alias", sa.String(64), primary_key=True),
     sa.Column("version_id", sa.Integer, sa.ForeignKey("registry_versions.id"), nullable=False),
     sa.Column("updated_at", sa.DateTime, nullable=False),
-)  # fmt: skip
+)
 
 
 class CatalogLookupError(LookupError):
@@ -100,12 +103,17 @@ class AdapterRecord:
             "tenant": self.tenant,
             "aliases": self.aliases,
             "versions": [
-                {"version": f"v{v.number}", "id": v.version_id, "sha256": v.digest,
-                 "size_bytes": v.size_bytes, "published_at": v.published_at.isoformat() + "Z",
-                 "aliases": list(v.aliases)}
+                {
+                    "version": f"v{v.number}",
+                    "id": v.version_id,
+                    "sha256": v.digest,
+                    "size_bytes": v.size_bytes,
+                    "published_at": v.published_at.isoformat() + "Z",
+                    "aliases": list(v.aliases),
+                }
                 for v in self.versions
             ],
-        }  # fmt: skip
+        }
 
 
 @dataclass(frozen=True)
@@ -118,10 +126,16 @@ class DeleteResult:
 
 
 _VERSION_COLUMNS = (
-    versions_table.c.id, versions_table.c.number, versions_table.c.digest,
-    versions_table.c.size_bytes, versions_table.c.manifest, versions_table.c.created_at,
-    versions_table.c.published_at, adapters_table.c.name, adapters_table.c.tenant,
-)  # fmt: skip
+    versions_table.c.id,
+    versions_table.c.number,
+    versions_table.c.digest,
+    versions_table.c.size_bytes,
+    versions_table.c.manifest,
+    versions_table.c.created_at,
+    versions_table.c.published_at,
+    adapters_table.c.name,
+    adapters_table.c.tenant,
+)
 
 
 # The per-request lookups, built once with bound parameters: constructing a SQLAlchemy
@@ -154,10 +168,16 @@ _RESOLVE_ALIAS = _version_by_name(
 
 def _record(row: Any, aliases: tuple[str, ...] = ()) -> VersionRecord:
     return VersionRecord(
-        adapter=row.name, tenant=row.tenant, number=row.number, digest=row.digest,
-        size_bytes=row.size_bytes, manifest=row.manifest, created_at=row.created_at,
-        published_at=row.published_at, aliases=aliases,
-    )  # fmt: skip
+        adapter=row.name,
+        tenant=row.tenant,
+        number=row.number,
+        digest=row.digest,
+        size_bytes=row.size_bytes,
+        manifest=row.manifest,
+        created_at=row.created_at,
+        published_at=row.published_at,
+        aliases=aliases,
+    )
 
 
 class Catalog:
@@ -270,9 +290,13 @@ class Catalog:
         raise CatalogConflict(f"could not publish {name}: too many concurrent publishes")
 
     def _add_version_once(
-        self, name: AdapterName, digest: str, size_bytes: int,
-        manifest: dict[str, Any] | None, created_at: datetime,
-    ) -> tuple[VersionRecord, bool]:  # fmt: skip
+        self,
+        name: AdapterName,
+        digest: str,
+        size_bytes: int,
+        manifest: dict[str, Any] | None,
+        created_at: datetime,
+    ) -> tuple[VersionRecord, bool]:
         with self.engine.begin() as conn:
             row = conn.execute(
                 sa.select(adapters_table).where(adapters_table.c.name == str(name))
@@ -312,9 +336,16 @@ class Catalog:
             ).inserted_primary_key[0]
             self._set_alias(conn, adapter_id, LATEST, version_row_id)
         record = VersionRecord(
-            str(name), str(name.tenant), number, digest, size_bytes, manifest, created_at,
-            published_at, (LATEST,),
-        )  # fmt: skip
+            str(name),
+            str(name.tenant),
+            number,
+            digest,
+            size_bytes,
+            manifest,
+            created_at,
+            published_at,
+            (LATEST,),
+        )
         return record, True
 
     def set_alias(self, name: AdapterName, alias: str, number: int) -> int | None:

@@ -68,17 +68,19 @@ def check_adapter_config(
     peft_type = str(getattr(raw_type, "value", raw_type)).upper()
     if peft_type != "LORA":
         problem(
-            "peft_type", "peft_type",
+            "peft_type",
+            "peft_type",
             f"{peft_type} is not served by vLLM (prompt/prefix tuning and other methods are "
             "not supported); train a LoRA adapter (peft LoraConfig) instead",
-        )  # fmt: skip
+        )
         return problems  # the remaining rules are about LoRA fields
     if config.get("modules_to_save"):
         problem(
-            "modules_to_save", "modules_to_save",
+            "modules_to_save",
+            "modules_to_save",
             f"{config['modules_to_save']} are fully trained copies of base modules, which vLLM "
             "cannot serve; remove modules_to_save (do not resize embeddings or add tokens)",
-        )  # fmt: skip
+        )
     if config.get("use_dora"):
         problem("dora", "use_dora", "vLLM does not serve DoRA; set use_dora to false")
     bias = config.get("bias", "none")
@@ -91,33 +93,37 @@ def check_adapter_config(
         problem("rank", "r", f"r={rank!r} is not a rank vLLM serves; use one of {VLLM_LORA_RANKS}")
     elif rank > max_lora_rank:
         problem(
-            "max_rank", "r",
+            "max_rank",
+            "r",
             f"r={rank} is greater than max_lora_rank={max_lora_rank}; lower r to at most "
             f"{max_lora_rank} or serve with --max-lora-rank {rank}",
-        )  # fmt: skip
+        )
     for field in ("rank_pattern", "alpha_pattern"):
         if config.get(field):
             problem(
-                field, field,
+                field,
+                field,
                 f"vLLM ignores {field} and would serve a different adapter than was trained; "
                 "use one r and lora_alpha for every module",
-            )  # fmt: skip
+            )
     targets = config.get("target_modules")
     if not targets:
         problem("target_modules", "target_modules", "no target modules; list the projections")
     elif isinstance(targets, str):
         problem(
-            "target_modules", "target_modules",
+            "target_modules",
+            "target_modules",
             f"{targets!r} is a pattern; list module names explicitly (e.g. ['q_proj', 'v_proj'])",
-        )  # fmt: skip
+        )
     elif known_modules is not None:
         unknown = sorted(set(targets) - set(known_modules))
         if unknown:
             problem(
-                "target_modules", "target_modules",
+                "target_modules",
+                "target_modules",
                 f"{unknown} are not linear modules of the base model; choose from "
                 f"{sorted(known_modules)}",
-            )  # fmt: skip
+            )
     if adapter_base is not None and served_base is not None:
         same_hash = (
             adapter_base.weights_sha256 is None
@@ -126,12 +132,13 @@ def check_adapter_config(
         )
         if not same_hash or adapter_base.id != served_base.id:
             problem(
-                "base_model", "base_model",
+                "base_model",
+                "base_model",
                 f"adapter was trained on {adapter_base.id} "
                 f"(weights {str(adapter_base.weights_sha256)[:12]}) but the server runs "
                 f"{served_base.id} (weights {str(served_base.weights_sha256)[:12]}); retrain on "
                 "the served base model or serve it on the one it was trained on",
-            )  # fmt: skip
+            )
     return problems
 
 

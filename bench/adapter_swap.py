@@ -41,7 +41,7 @@ from loraplex.adapters.blob_store import open_blob_store
 from loraplex.adapters.catalog import Catalog
 from loraplex.adapters.publish import PublishChecks, publish_adapter
 from loraplex.adapters.refs import parse_registry_name
-from loraplex.serving.base_model import pull_embedded_model
+from loraplex.base_model import pull_embedded_model
 from loraplex.training.demo_adapters import DemoAdapterSpec, build_demo_adapter
 
 RANK, STRENGTH = 16, 0.4
@@ -74,8 +74,9 @@ def publish_fleet(work: Path, env: dict[str, str], count: int) -> list[str]:
     for i in range(count):
         name = f"bench/adapter-{i:04d}"
         source = seeded_variant(template, work / "src" / str(i), seed=i + 1)
-        publish_adapter(source, parse_registry_name(name), catalog=catalog, store=store,
-                        checks=checks)  # fmt: skip
+        publish_adapter(
+            source, parse_registry_name(name), catalog=catalog, store=store, checks=checks
+        )
         shutil.rmtree(source)
         names.append(name)
     return names
@@ -98,8 +99,13 @@ async def throughput(url: str, models: list[str], args: argparse.Namespace) -> d
 
         async def one(model: str) -> None:
             nonlocal tokens
-            body = {"model": model, "prompt": PROMPT, "max_tokens": args.tokens,
-                    "temperature": 0, "ignore_eos": True}  # fmt: skip
+            body = {
+                "model": model,
+                "prompt": PROMPT,
+                "max_tokens": args.tokens,
+                "temperature": 0,
+                "ignore_eos": True,
+            }
             async with semaphore:
                 response = await client.post("/v1/completions", json=body)
             response.raise_for_status()
@@ -108,9 +114,12 @@ async def throughput(url: str, models: list[str], args: argparse.Namespace) -> d
         started = time.perf_counter()
         await asyncio.gather(*(one(m) for m in models))
         elapsed = time.perf_counter() - started
-    return {"requests": len(models), "seconds": round(elapsed, 2),
-            "output_tok_s": round(tokens / elapsed, 1),
-            "distinct_adapters": len(set(models))}  # fmt: skip
+    return {
+        "requests": len(models),
+        "seconds": round(elapsed, 2),
+        "output_tok_s": round(tokens / elapsed, 1),
+        "distinct_adapters": len(set(models)),
+    }
 
 
 def main() -> int:
@@ -138,11 +147,23 @@ def main() -> int:
     names = publish_fleet(work, env, args.adapters)
     port, backend_port = free_port(), free_port()
     command = [
-        sys.executable, "-m", "loraplex.cli", "serve", "--port", str(port),
-        "--backend-port", str(backend_port), "--dtype", args.dtype,
-        "--max-loras", str(args.max_loras), "--max-cpu-loras", str(args.max_cpu_loras),
-        "--log-level", "warning",
-    ]  # fmt: skip
+        sys.executable,
+        "-m",
+        "loraplex.cli",
+        "serve",
+        "--port",
+        str(port),
+        "--backend-port",
+        str(backend_port),
+        "--dtype",
+        args.dtype,
+        "--max-loras",
+        str(args.max_loras),
+        "--max-cpu-loras",
+        str(args.max_cpu_loras),
+        "--log-level",
+        "warning",
+    ]
     process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -198,8 +219,10 @@ def print_table(results: dict) -> None:
     print("|---|---|---|---|")
     for key, value in results.items():
         if isinstance(value, dict) and "output_tok_s" in value:
-            print(f"| {key} | {value['requests']} | {value['distinct_adapters']} "
-                  f"| {value['output_tok_s']} |")  # fmt: skip
+            print(
+                f"| {key} | {value['requests']} | {value['distinct_adapters']} "
+                f"| {value['output_tok_s']} |"
+            )
 
 
 if __name__ == "__main__":

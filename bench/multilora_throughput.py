@@ -30,8 +30,20 @@ from pathlib import Path
 
 ROWS = ("base", "uniform-8", "single-1", "uniform-32")
 KERNELS = ("vllm", "loraplex-torch", "loraplex")
-TOPICS = ["the sea", "a city at night", "old trains", "mountains", "a library", "coffee",
-          "winter", "robots", "a garden", "the moon", "rivers", "music"]  # fmt: skip
+TOPICS = [
+    "the sea",
+    "a city at night",
+    "old trains",
+    "mountains",
+    "a library",
+    "coffee",
+    "winter",
+    "robots",
+    "a garden",
+    "the moon",
+    "rivers",
+    "music",
+]
 
 
 def prompts(count: int) -> list[str]:
@@ -39,7 +51,7 @@ def prompts(count: int) -> list[str]:
 
 
 def adapter_dirs(count: int, rank: int) -> list[Path]:
-    from loraplex.serving.base_model import pull_embedded_model
+    from loraplex.base_model import pull_embedded_model
     from loraplex.training.demo_adapters import DemoAdapterSpec, ensure_demo_adapters
 
     base = pull_embedded_model()
@@ -53,7 +65,7 @@ def run_engine(args: argparse.Namespace) -> None:
     from vllm import LLM, SamplingParams
     from vllm.lora.request import LoRARequest
 
-    from loraplex.serving.base_model import embedded_model_dir
+    from loraplex.base_model import embedded_model_dir
 
     adapters = [str(p) for p in adapter_dirs(32, args.rank)]
     llm = LLM(
@@ -156,10 +168,23 @@ def main() -> int:
     for kernels in args.kernels:
         env = dict(os.environ, LORAPLEX_CPU_LORA_KERNELS=kernels, VLLM_PLUGINS="loraplex")
         env.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
-        child = [sys.executable, __file__, "--child", "--prompts", str(args.prompts),
-                 "--tokens", str(args.tokens), "--rank", str(args.rank),
-                 "--dtype", args.dtype, "--repeats", str(args.repeats),
-                 "--out", str(partial)]  # fmt: skip
+        child = [
+            sys.executable,
+            __file__,
+            "--child",
+            "--prompts",
+            str(args.prompts),
+            "--tokens",
+            str(args.tokens),
+            "--rank",
+            str(args.rank),
+            "--dtype",
+            args.dtype,
+            "--repeats",
+            str(args.repeats),
+            "--out",
+            str(partial),
+        ]
         print(f"running engine with {kernels} kernels ...", file=sys.stderr)
         done = subprocess.run(
             child,
@@ -174,9 +199,11 @@ def main() -> int:
             return 1
         results[kernels] = json.loads(partial.read_text())
 
-    print(f"\n{args.prompts} prompts x {args.tokens} greedy tokens (ignore_eos), {args.dtype}, "
-          f"r={args.rank} on 7 projections, max_loras 8, max_cpu_loras 32, "
-          f"median of {args.repeats} runs per row")  # fmt: skip
+    print(
+        f"\n{args.prompts} prompts x {args.tokens} greedy tokens (ignore_eos), {args.dtype}, "
+        f"r={args.rank} on 7 projections, max_loras 8, max_cpu_loras 32, "
+        f"median of {args.repeats} runs per row"
+    )
     header = f"{'row':<12}" + "".join(f"{k + ' tok/s':>22}{'ratio':>7}" for k in args.kernels)
     reference, others = args.kernels[0], args.kernels[1:]
     print(header + "".join(f"{'x ' + reference + ' (' + k + ')':>26}{'same':>8}" for k in others))

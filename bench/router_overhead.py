@@ -29,7 +29,7 @@ from pathlib import Path
 import httpx
 from bench_common import free_port, percentile, wait_ready
 
-from loraplex.serving.base_model import pull_embedded_model
+from loraplex.base_model import pull_embedded_model
 from loraplex.training.demo_adapters import DEMO_ADAPTERS, ensure_demo_adapters
 
 BASE_NAME = "SmolLM2-135M-Instruct"
@@ -100,10 +100,21 @@ def stub_overhead(models: list[str], adapters_dir: Path, count: int) -> list[flo
         if not wait_ready(stub, processes[0], "/health"):
             raise RuntimeError("stub backend failed to start")
         command = [
-            sys.executable, "-m", "loraplex.cli", "serve", "--port", str(port),
-            "--backend-url", stub, "--base-model", "unused", "--log-level", "warning",
-            "--adapters-dir", str(adapters_dir),
-        ]  # fmt: skip
+            sys.executable,
+            "-m",
+            "loraplex.cli",
+            "serve",
+            "--port",
+            str(port),
+            "--backend-url",
+            stub,
+            "--base-model",
+            "unused",
+            "--log-level",
+            "warning",
+            "--adapters-dir",
+            str(adapters_dir),
+        ]
         processes.append(subprocess.Popen(command, stdout=subprocess.DEVNULL))
         if not wait_ready(router, processes[1]):
             raise RuntimeError("router failed to start")
@@ -161,9 +172,19 @@ def main() -> int:
     port, backend_port = free_port(), free_port()
     router, direct = f"http://127.0.0.1:{port}", f"http://127.0.0.1:{backend_port}"
     command = [
-        sys.executable, "-m", "loraplex.cli", "serve", "--port", str(port),
-        "--backend-port", str(backend_port), "--dtype", args.dtype, "--log-level", "warning",
-    ]  # fmt: skip
+        sys.executable,
+        "-m",
+        "loraplex.cli",
+        "serve",
+        "--port",
+        str(port),
+        "--backend-port",
+        str(backend_port),
+        "--dtype",
+        args.dtype,
+        "--log-level",
+        "warning",
+    ]
     env = dict(os.environ, LORAPLEX_ADAPTERS_DIR=str(adapters_dir))
     process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL)
     try:

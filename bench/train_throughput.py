@@ -34,7 +34,7 @@ BATCH, LR = 8, 1e-3
 def mean_tokens(examples: list) -> float:
     from transformers import AutoTokenizer
 
-    from loraplex.serving.base_model import pull_embedded_model
+    from loraplex.base_model import pull_embedded_model
     from loraplex.training.data import tokenize_example
 
     tokenizer = AutoTokenizer.from_pretrained(pull_embedded_model())
@@ -46,7 +46,7 @@ def run_loraplex(args: argparse.Namespace) -> float:
     """Seconds for steps warmup+1..steps."""
     from peft import LoraConfig, get_peft_model
 
-    from loraplex.serving.base_model import pull_embedded_model
+    from loraplex.base_model import pull_embedded_model
     from loraplex.training.config import OptimSection
     from loraplex.training.data import read_examples, tokenize_examples
     from loraplex.training.run import load_base, seed_everything
@@ -61,14 +61,24 @@ def run_loraplex(args: argparse.Namespace) -> float:
     optim = OptimSection(lr=LR, max_steps=args.steps, batch_size=BATCH, warmup_steps=1)
     never = 10**9
     settings = LoopSettings(
-        optim=optim, seed=0, eval_interval=never, checkpoint_interval=never,
-        keep_checkpoints=1, early_stopping_patience=None, resume=False,
-    )  # fmt: skip
+        optim=optim,
+        seed=0,
+        eval_interval=never,
+        checkpoint_interval=never,
+        keep_checkpoints=1,
+        early_stopping_patience=None,
+        resume=False,
+    )
     marks: dict[int, float] = {}
     train_loop(
-        model, data, [], settings, Path(args.scratch), tokenizer.pad_token_id,
+        model,
+        data,
+        [],
+        settings,
+        Path(args.scratch),
+        tokenizer.pad_token_id,
         on_step=lambda s: marks.__setitem__(s.step, time.perf_counter()),
-    )  # fmt: skip
+    )
     return marks[args.steps] - marks[args.warmup]
 
 
@@ -78,7 +88,7 @@ def run_trl(args: argparse.Namespace) -> float:
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import SFTConfig, SFTTrainer
 
-    from loraplex.serving.base_model import pull_embedded_model
+    from loraplex.base_model import pull_embedded_model
     from loraplex.training.data import read_examples
 
     base_dir = pull_embedded_model()
@@ -94,18 +104,31 @@ def run_trl(args: argparse.Namespace) -> float:
             marks[state.global_step] = time.perf_counter()
 
     config = SFTConfig(
-        output_dir=args.scratch, per_device_train_batch_size=BATCH, learning_rate=LR,
-        max_steps=args.steps, warmup_steps=1, lr_scheduler_type="linear", logging_steps=10**6,
-        save_strategy="no", report_to=[], use_cpu=True, max_length=256, seed=0,
-        dataloader_num_workers=0, bf16=False, fp16=False, disable_tqdm=True,
-    )  # fmt: skip
+        output_dir=args.scratch,
+        per_device_train_batch_size=BATCH,
+        learning_rate=LR,
+        max_steps=args.steps,
+        warmup_steps=1,
+        lr_scheduler_type="linear",
+        logging_steps=10**6,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        max_length=256,
+        seed=0,
+        dataloader_num_workers=0,
+        bf16=False,
+        fp16=False,
+        disable_tqdm=True,
+    )
     trainer = SFTTrainer(
         model=AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32),
-        args=config, train_dataset=dataset,
+        args=config,
+        train_dataset=dataset,
         processing_class=AutoTokenizer.from_pretrained(base_dir),
         peft_config=LoraConfig(r=8, lora_alpha=16, target_modules=TARGETS),
         callbacks=[StepTimes()],
-    )  # fmt: skip
+    )
     trainer.train()
     return marks[args.steps] - marks[args.warmup]
 
@@ -132,17 +155,31 @@ def main() -> None:
     tokens = mean_tokens(read_examples(DATA)[: args.examples])
     measured = {}
     for name in ("loraplex", "loraplex-ckpt", "trl"):
-        command = [sys.executable, __file__, "--child", name, "--steps", str(args.steps),
-                   "--warmup", str(args.warmup), "--examples", str(args.examples),
-                   "--scratch", f"{args.scratch}/{name}"]  # fmt: skip
+        command = [
+            sys.executable,
+            __file__,
+            "--child",
+            name,
+            "--steps",
+            str(args.steps),
+            "--warmup",
+            str(args.warmup),
+            "--examples",
+            str(args.examples),
+            "--scratch",
+            f"{args.scratch}/{name}",
+        ]
         out = subprocess.run(command, check=True, capture_output=True, text=True).stdout
         result = json.loads(out.strip().splitlines()[-1])
         steps = args.steps - args.warmup
         result["tokens_per_s"] = steps * BATCH * tokens / result["seconds"]
         measured[name] = result
-        print(f"{name:9s} {result['tokens_per_s']:8.1f} tokens/s  "
-              f"peak RSS {result['peak_rss_mib']:7.0f} MiB  ({steps} steps in "
-              f"{result['seconds']:.1f} s)", flush=True)  # fmt: skip
+        print(
+            f"{name:9s} {result['tokens_per_s']:8.1f} tokens/s  "
+            f"peak RSS {result['peak_rss_mib']:7.0f} MiB  ({steps} steps in "
+            f"{result['seconds']:.1f} s)",
+            flush=True,
+        )
     for name in ("loraplex", "loraplex-ckpt"):
         ratio = measured[name]["tokens_per_s"] / measured["trl"]["tokens_per_s"]
         memory = measured[name]["peak_rss_mib"] / measured["trl"]["peak_rss_mib"]

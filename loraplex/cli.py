@@ -46,7 +46,7 @@ def _settings_from_args(args: argparse.Namespace) -> ServeSettings:
 
 
 def cmd_model_pull(args: argparse.Namespace) -> int:
-    from loraplex.serving.base_model import ModelPullError, pull_embedded_model
+    from loraplex.base_model import ModelPullError, pull_embedded_model
 
     try:
         path = pull_embedded_model(args.target, force=args.force)
@@ -58,7 +58,7 @@ def cmd_model_pull(args: argparse.Namespace) -> int:
 
 
 def cmd_adapters_demo(args: argparse.Namespace) -> int:
-    from loraplex.serving.base_model import pull_embedded_model
+    from loraplex.base_model import pull_embedded_model
     from loraplex.training.demo_adapters import ensure_demo_adapters
 
     settings = _settings_from_args(args)
@@ -71,9 +71,9 @@ def cmd_adapters_demo(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
+    from loraplex.base_model import pull_embedded_model
     from loraplex.router.app import create_app
-    from loraplex.router.tenancy import check_serve_access
-    from loraplex.serving.base_model import pull_embedded_model
+    from loraplex.router.tenancy.service import check_serve_access
     from loraplex.serving.vllm_backend import VLLMBackendProcess
 
     settings = _settings_from_args(args)
@@ -101,9 +101,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
         )
         app = create_app(settings, backend_url)
         uvicorn.run(
-            app, host=settings.host, port=settings.port, log_config=None,
-            access_log=False, timeout_graceful_shutdown=30,
-        )  # fmt: skip
+            app,
+            host=settings.host,
+            port=settings.port,
+            log_config=None,
+            access_log=False,
+            timeout_graceful_shutdown=30,
+        )
     except KeyboardInterrupt:
         log.info("interrupted; shutting down")
     except RuntimeError as exc:
@@ -150,10 +154,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
         return 2
     try:
         metric, results = evaluate_adapter(
-            args.adapter_dir, args.data, few_shot=args.few_shot, train_data=args.train_data,
-            metric=args.metric, max_new_tokens=args.max_new_tokens,
-            max_examples=args.max_examples, write_manifest=args.write_manifest,
-        )  # fmt: skip
+            args.adapter_dir,
+            args.data,
+            few_shot=args.few_shot,
+            train_data=args.train_data,
+            metric=args.metric,
+            max_new_tokens=args.max_new_tokens,
+            max_examples=args.max_examples,
+            write_manifest=args.write_manifest,
+        )
     except (DataError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -222,15 +231,18 @@ def _add_training_commands(commands: typing.Any) -> None:
         "--train-data", type=Path, default=None, help="where shots come from (default: manifest)"
     )
     evaluate.add_argument(
-        "--metric", choices=["exact_match", "json_match"], default=None,
+        "--metric",
+        choices=["exact_match", "json_match"],
+        default=None,
         help="default: the manifest's metric, else exact_match",
-    )  # fmt: skip
+    )
     evaluate.add_argument("--max-new-tokens", type=int, default=None, help="tokens per answer")
     evaluate.add_argument("--max-examples", type=int, default=None, help="score the first N")
     evaluate.add_argument(
-        "--write-manifest", action="store_true",
+        "--write-manifest",
+        action="store_true",
         help="record these scores (and the data's hash and size) in the adapter's manifest.json",
-    )  # fmt: skip
+    )
     evaluate.set_defaults(func=cmd_eval)
 
 

@@ -19,9 +19,14 @@ log = logging.getLogger("loraplex.cli")
 
 # The settings a registry command needs; all of them are also LORAPLEX_* variables.
 _REGISTRY_FLAGS = (
-    "database_url", "registry_store", "registry_s3_endpoint_url", "registry_cache_dir",
-    "base_model", "max_lora_rank", "registry_max_adapter_mib",
-)  # fmt: skip
+    "database_url",
+    "registry_store",
+    "registry_s3_endpoint_url",
+    "registry_cache_dir",
+    "base_model",
+    "max_lora_rank",
+    "registry_max_adapter_mib",
+)
 EXIT_REFUSED = 2
 EXIT_UNAVAILABLE = 3
 
@@ -84,7 +89,7 @@ def served_base(settings: ServeSettings) -> tuple[typing.Any, set[str] | None]:
     from loraplex.adapters.compat import BaseModelRef
 
     if not settings.base_model:
-        from loraplex.serving.base_model import embedded_model_dir, pull_embedded_model
+        from loraplex.base_model import embedded_model_dir, pull_embedded_model
 
         # Its marker (written after a verified pull) holds the hashes: no need to rehash.
         folder = embedded_model_dir()
@@ -110,9 +115,10 @@ def served_base(settings: ServeSettings) -> tuple[typing.Any, set[str] | None]:
         modules = {
             key.split(".")[-2]
             for key in handle.keys()  # noqa: SIM118 (safe_open is not a mapping)
-            if key.startswith("model.layers.") and key.endswith(".weight")
+            if key.startswith("model.layers.")
+            and key.endswith(".weight")
             and len(handle.get_slice(key).get_shape()) == 2
-        }  # fmt: skip
+        }
     return BaseModelRef(folder.name, digest), modules
 
 
@@ -125,8 +131,10 @@ def cmd_publish(args: argparse.Namespace) -> int:
         settings = _settings(args)
         base, modules = served_base(settings)
         if base is None:
-            print("warning: base model is not a local folder; base-model checks skipped",
-                  file=sys.stderr)  # fmt: skip
+            print(
+                "warning: base model is not a local folder; base-model checks skipped",
+                file=sys.stderr,
+            )
         checks = PublishChecks(
             max_lora_rank=settings.max_lora_rank,
             max_bytes=settings.registry_max_adapter_mib * 2**20,
@@ -135,9 +143,13 @@ def cmd_publish(args: argparse.Namespace) -> int:
         )
         registry = _open(args)
         record, created = publish_adapter(
-            args.dir, name, catalog=registry.catalog, store=registry.store, checks=checks,
+            args.dir,
+            name,
+            catalog=registry.catalog,
+            store=registry.store,
+            checks=checks,
             progress=lambda line: print(f"  {line}", file=sys.stderr),
-        )  # fmt: skip
+        )
         if created:
             print(f"published {record.ref} (@latest) {record.version_id}")
         else:

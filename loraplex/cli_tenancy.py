@@ -17,12 +17,12 @@ from datetime import datetime, timezone
 from loraplex.settings import ServeSettings
 
 if typing.TYPE_CHECKING:
-    from loraplex.router.tenancy_store import TenancyStore
+    from loraplex.router.tenancy.store import TenancyStore
 
 
 def _store(args: argparse.Namespace) -> TenancyStore:
     from loraplex.database import create_db_engine, migrate
-    from loraplex.router.tenancy_store import TenancyStore
+    from loraplex.router.tenancy.store import TenancyStore
 
     url = args.database_url or ServeSettings().resolved_database_url()
     engine = create_db_engine(url)
@@ -34,7 +34,7 @@ def _run(action: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Name
     """Store errors become `error: <field>: <message>` and exit status 2."""
 
     def run(args: argparse.Namespace) -> int:
-        from loraplex.router.tenancy_store import TenancyError
+        from loraplex.router.tenancy.store import TenancyError
 
         try:
             return action(args)
@@ -90,7 +90,7 @@ def cmd_tenants_delete(args: argparse.Namespace) -> int:
 
 @_run
 def cmd_keys_create(args: argparse.Namespace) -> int:
-    from loraplex.router.tenancy_store import TenancyError, parse_expiry
+    from loraplex.router.tenancy.store import TenancyError, parse_expiry
 
     if (args.tenant is None) != args.admin:
         raise TenancyError("tenant", "give either --tenant NAME or --admin")
@@ -135,10 +135,12 @@ def cmd_keys_revoke(args: argparse.Namespace) -> int:
 @_run
 def cmd_quotas_set(args: argparse.Namespace) -> int:
     quota = _store(args).set_quota(
-        args.tenant, args.adapter or "",
+        args.tenant,
+        args.adapter or "",
         requests_per_minute=args.requests_per_minute,
-        tokens_per_minute=args.tokens_per_minute, max_concurrent=args.max_concurrent,
-    )  # fmt: skip
+        tokens_per_minute=args.tokens_per_minute,
+        max_concurrent=args.max_concurrent,
+    )
     scope = f"adapter {quota.adapter} for " if quota.adapter else ""
     print(f"quota set for {scope}tenant {quota.tenant}", file=sys.stderr)
     return 0
@@ -170,10 +172,11 @@ def cmd_quotas_delete(args: argparse.Namespace) -> int:
 
 def _common(parser: argparse.ArgumentParser, listing: bool = False) -> None:
     parser.add_argument(
-        "--database-url", default=None,
+        "--database-url",
+        default=None,
         help="SQLAlchemy URL of the loraplex database [env LORAPLEX_DATABASE_URL; default: "
         "SQLite file in ~/.cache/loraplex]",
-    )  # fmt: skip
+    )
     if listing:
         parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
@@ -191,10 +194,11 @@ def add_tenancy_commands(commands: typing.Any) -> None:
         dest="tenants_command", required=True
     )
     create = tenants.add_parser(
-        "create", help="create a tenant",
+        "create",
+        help="create a tenant",
         description="A tenant calls the base model, public/* and its own <tenant>/* adapters. "
         "Once any tenant exists, every API call needs a key.",
-    )  # fmt: skip
+    )
     create.add_argument("name", help="tenant name, also the first part of its adapter names")
     _common(create)
     create.set_defaults(func=cmd_tenants_create)
@@ -210,15 +214,17 @@ def add_tenancy_commands(commands: typing.Any) -> None:
         dest="keys_command", required=True
     )
     create = keys.add_parser(
-        "create", help="create an API key (printed once on stdout)",
+        "create",
+        help="create an API key (printed once on stdout)",
         description="Prints the new key on stdout, once; only its hash is stored.",
-    )  # fmt: skip
+    )
     create.add_argument("--tenant", default=None, help="the tenant the key belongs to")
     create.add_argument("--admin", action="store_true", help="an admin key instead")
     create.add_argument(
-        "--expires", default=None,
+        "--expires",
+        default=None,
         help="expiry: a duration from now (30d, 12h, 15m, 90s, 2w) or an ISO 8601 time",
-    )  # fmt: skip
+    )
     create.add_argument("--description", default="", help="free text shown by keys list")
     _common(create)
     create.set_defaults(func=cmd_keys_create)
@@ -235,11 +241,12 @@ def add_tenancy_commands(commands: typing.Any) -> None:
         dest="quotas_command", required=True
     )
     qset = quotas.add_parser(
-        "set", help="set a tenant's (or one adapter's) limits",
+        "set",
+        help="set a tenant's (or one adapter's) limits",
         description="Replaces the limits of the tenant, or of one adapter for that tenant "
         "with --adapter. Limits left out are unlimited. Over a limit the API answers 429 "
         "with Retry-After.",
-    )  # fmt: skip
+    )
     qset.add_argument("--tenant", required=True)
     qset.add_argument("--adapter", default=None, help="limit only this model name")
     qset.add_argument("--requests-per-minute", type=_positive_int, default=None)

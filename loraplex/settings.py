@@ -95,6 +95,6 @@ class ServeSettings(BaseSettings):
         """The base model the backend loads, defaulting to the pulled SmolLM2."""
         if self.base_model:
             return self.base_model
-        from loraplex.serving.base_model import embedded_model_dir
+        from loraplex.base_model import embedded_model_dir
 
         return str(embedded_model_dir())

@@ -100,10 +100,14 @@ class AdapterLoader:
         registry = Registry.open(RegistryConfig.from_settings(settings))
         pinned = frozenset(p.strip() for p in settings.pinned_adapters.split(",") if p.strip())
         return cls(
-            store, backend, settings.base_model_name, registry,
-            max_registered=settings.max_backend_adapters, pinned=pinned,
+            store,
+            backend,
+            settings.base_model_name,
+            registry,
+            max_registered=settings.max_backend_adapters,
+            pinned=pinned,
             max_labels=settings.metrics_max_label_values,
-        )  # fmt: skip
+        )
 
     # ---- resolution ----------------------------------------------------------------------
 
@@ -230,30 +234,32 @@ class AdapterLoader:
         except BlobCorrupt as exc:
             log.error(
                 "adapter blob failed hash verification",
-                extra={"adapter": adapter.description, "digest": adapter.digest,
-                       "error": str(exc)},
-            )  # fmt: skip
+                extra={"adapter": adapter.description, "digest": adapter.digest, "error": str(exc)},
+            )
             raise APIError(
                 500,
                 f"Adapter '{adapter.requested}' ({adapter.description}) cannot be served: its "
                 f"stored files fail hash verification ({exc}).",
-                param="model", code="adapter_corrupt",
-            ) from None  # fmt: skip
+                param="model",
+                code="adapter_corrupt",
+            ) from None
         except BlobMissing:
             log.error("adapter blob missing from the store", extra={"digest": adapter.digest})
             raise APIError(
                 500,
                 f"Adapter '{adapter.requested}' ({adapter.description}) cannot be served: its "
                 "files are missing from the adapter store.",
-                param="model", code="adapter_load_failed",
-            ) from None  # fmt: skip
+                param="model",
+                code="adapter_load_failed",
+            ) from None
         except StoreUnavailable as exc:
             log.error("adapter store unavailable", extra={"error": str(exc)})
             raise APIError(
                 503,
                 f"Adapter store unavailable, cannot fetch '{adapter.requested}': {exc}",
-                param="model", code="store_unavailable",
-            ) from None  # fmt: skip
+                param="model",
+                code="store_unavailable",
+            ) from None
 
     async def _unregister_over_limit(self) -> None:
         while len(self._registered) > self.max_registered:

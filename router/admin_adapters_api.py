@@ -21,8 +21,8 @@ from loraplex.adapters.catalog import CatalogConflict, CatalogLookupError
 from loraplex.adapters.names import InvalidAdapterName
 from loraplex.adapters.refs import parse_adapter_ref, parse_registry_name, parse_version
 from loraplex.adapters.registry import Registry
-from loraplex.router.admin_api import AdminBody, parse_admin_body, require_admin
 from loraplex.router.errors import APIError
+from loraplex.router.tenancy.admin_api import AdminBody, parse_admin_body, require_admin
 
 
 class AliasSet(AdminBody):
@@ -78,16 +78,22 @@ def admin_adapters_router(registry: Registry) -> APIRouter:
         number = _version(body.version)
         previous = await _registry_call(catalog.set_alias, adapter, ref.alias, number)
         return {
-            "adapter": str(adapter), "alias": alias, "version": f"v{number}",
+            "adapter": str(adapter),
+            "alias": alias,
+            "version": f"v{number}",
             "previous": f"v{previous}" if previous is not None else None,
-        }  # fmt: skip
+        }
 
     @router.post("/{tenant}/{name}/rollback")
     async def rollback(tenant: str, name: str) -> dict:
         adapter = _name(tenant, name)
         old, new = await _registry_call(catalog.rollback, adapter)
-        return {"adapter": str(adapter), "alias": "latest", "version": f"v{new}",
-                "previous": f"v{old}"}  # fmt: skip
+        return {
+            "adapter": str(adapter),
+            "alias": "latest",
+            "version": f"v{new}",
+            "previous": f"v{old}",
+        }
 
     @router.delete("/{tenant}/{name}/versions/{version}")
     async def delete_version(tenant: str, name: str, version: str, force: bool = False) -> dict:

@@ -23,7 +23,7 @@ from loraplex.router.metrics_api import metrics_router
 from loraplex.router.model_rewrite import rename_model, rename_model_stream, request_with_model
 from loraplex.router.protocol import ChatCompletionRequest, CompletionRequest, parse_request
 from loraplex.router.request_log import RequestLogMiddleware
-from loraplex.router.tenancy import Tenancy
+from loraplex.router.tenancy.service import Tenancy
 from loraplex.settings import ServeSettings
 
 log = logging.getLogger(__name__)

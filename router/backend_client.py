@@ -47,9 +47,11 @@ class BackendClient:
         if response.status_code == 400 and "already been loaded" in message:
             return
         raise APIError(
-            500, f"Adapter '{name}' could not be loaded: {message}", param="model",
+            500,
+            f"Adapter '{name}' could not be loaded: {message}",
+            param="model",
             code="adapter_load_failed",
-        )  # fmt: skip
+        )
 
     async def unload_adapter(self, name: str) -> None:
         """Unregister an adapter; one the backend does not know counts as success."""

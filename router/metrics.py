@@ -23,34 +23,43 @@ _LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 12
 _PER_TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
 
 REQUESTS = Counter(
-    "loraplex_requests", "Completed API requests by HTTP status.",
+    "loraplex_requests",
+    "Completed API requests by HTTP status.",
     ["adapter", "tenant", "status"],
-)  # fmt: skip
+)
 PROMPT_TOKENS = Counter("loraplex_prompt_tokens", "Prompt tokens processed.", ["adapter", "tenant"])
 COMPLETION_TOKENS = Counter(
     "loraplex_completion_tokens", "Completion tokens generated.", ["adapter", "tenant"]
 )
 TIME_TO_FIRST_TOKEN = Histogram(
-    "loraplex_time_to_first_token_seconds", "Time from request to the first output token.",
-    ["adapter", "tenant"], buckets=_LATENCY_BUCKETS,
-)  # fmt: skip
+    "loraplex_time_to_first_token_seconds",
+    "Time from request to the first output token.",
+    ["adapter", "tenant"],
+    buckets=_LATENCY_BUCKETS,
+)
 TIME_PER_OUTPUT_TOKEN = Histogram(
-    "loraplex_time_per_output_token_seconds", "Mean time between output tokens of a request.",
-    ["adapter", "tenant"], buckets=_PER_TOKEN_BUCKETS,
-)  # fmt: skip
+    "loraplex_time_per_output_token_seconds",
+    "Mean time between output tokens of a request.",
+    ["adapter", "tenant"],
+    buckets=_PER_TOKEN_BUCKETS,
+)
 REQUEST_DURATION = Histogram(
-    "loraplex_request_duration_seconds", "End-to-end request latency.",
-    ["adapter", "tenant"], buckets=_LATENCY_BUCKETS,
-)  # fmt: skip
+    "loraplex_request_duration_seconds",
+    "End-to-end request latency.",
+    ["adapter", "tenant"],
+    buckets=_LATENCY_BUCKETS,
+)
 IN_FLIGHT = Gauge("loraplex_requests_in_flight", "Requests being served.", ["adapter", "tenant"])
 QUOTA_REJECTIONS = Counter(
-    "loraplex_quota_rejections", "Requests refused with 429, by the limit that was hit.",
+    "loraplex_quota_rejections",
+    "Requests refused with 429, by the limit that was hit.",
     ["tenant", "limit"],
-)  # fmt: skip
+)
 ADAPTER_LOADS = Counter(
-    "loraplex_adapter_loads", "Adapter registrations with the backend, by result.",
+    "loraplex_adapter_loads",
+    "Adapter registrations with the backend, by result.",
     ["adapter", "result"],
-)  # fmt: skip
+)
 ADAPTER_LOAD_DURATION = Histogram(
     "loraplex_adapter_load_duration_seconds",
     "Time to fetch and register an adapter.",

@@ -44,8 +44,9 @@ def metrics_router(backend_url: str) -> APIRouter:
                 503, f"Backend unavailable: {exc!r}", code="backend_unavailable"
             ) from None
         return Response(
-            upstream.content, upstream.status_code,
+            upstream.content,
+            upstream.status_code,
             media_type=upstream.headers.get("content-type", CONTENT_TYPE_LATEST),
-        )  # fmt: skip
+        )
 
     return router

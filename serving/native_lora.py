@@ -46,9 +46,30 @@ class NativeKernel:
         self._fn = library.lpx_grouped_lora
         self._fn.restype = ctypes.c_int
         ptr, i64 = ctypes.c_void_p, ctypes.c_int64
-        self._fn.argtypes = [ctypes.c_int, ptr, i64, i64, ptr, i64, ptr, i64, ptr, i64, i64,
-                             ptr, ptr, ptr, i64, ptr, ptr, ptr, ptr, i64, ctypes.c_float,
-                             ptr]  # fmt: skip
+        self._fn.argtypes = [
+            ctypes.c_int,
+            ptr,
+            i64,
+            i64,
+            ptr,
+            i64,
+            ptr,
+            i64,
+            ptr,
+            i64,
+            i64,
+            ptr,
+            ptr,
+            ptr,
+            i64,
+            ptr,
+            ptr,
+            ptr,
+            ptr,
+            i64,
+            ctypes.c_float,
+            ptr,
+        ]
         self.tile_rows = int(library.lpx_tile_rows())
         self.lanes = int(library.lpx_lanes())
         # Output vectors per expand work item: the B layout must match the kernel's.
@@ -69,9 +90,17 @@ class NativeKernel:
         # Pointer arguments of the layer and the step are packed once (`args`): this
         # call sits on the per-layer hot path, where Python overhead adds up.
         status = self._fn(
-            weights.code, x.data_ptr(), x.stride(0), x.shape[1], y.data_ptr(),
-            y.stride(0), *weights.args, *tiles.args, weights.scale, shrunk.data_ptr(),
-        )  # fmt: skip
+            weights.code,
+            x.data_ptr(),
+            x.stride(0),
+            x.shape[1],
+            y.data_ptr(),
+            y.stride(0),
+            *weights.args,
+            *tiles.args,
+            weights.scale,
+            shrunk.data_ptr(),
+        )
         if status != 0:
             raise RuntimeError("lpx_grouped_lora: unsupported dtype")
 
@@ -90,8 +119,13 @@ def _build_key(compiler: str) -> str:
     cpu = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
     flags = next((line for line in cpu.splitlines() if line.startswith("flags")), "")
     digest = hashlib.sha256()
-    for part in (SOURCE.read_bytes(), version.encode(), " ".join(FLAGS).encode(),
-                 platform.machine().encode(), flags.encode()):  # fmt: skip
+    for part in (
+        SOURCE.read_bytes(),
+        version.encode(),
+        " ".join(FLAGS).encode(),
+        platform.machine().encode(),
+        flags.encode(),
+    ):
         digest.update(part)
         digest.update(b"\0")
     return digest.hexdigest()[:16]
@@ -167,9 +201,12 @@ class NativeTiles:
     def args(self) -> tuple[int, ...]:
         """The kernel's per-step arguments."""
         return (
-            self.rows.data_ptr(), self.start.data_ptr(), self.length.data_ptr(),
-            self.slot.data_ptr(), self.num_tiles,
-        )  # fmt: skip
+            self.rows.data_ptr(),
+            self.start.data_ptr(),
+            self.length.data_ptr(),
+            self.slot.data_ptr(),
+            self.num_tiles,
+        )
 
     @staticmethod
     def from_token_slots(token_slots: torch.Tensor, tile_rows: int) -> NativeTiles | None:
@@ -222,10 +259,16 @@ class NativeLayerWeights:
     def args(self) -> tuple[int, ...]:
         """The kernel's per-layer arguments."""
         return (
-            self.at.data_ptr(), self.srp, self.bt.data_ptr(), self.rank, self.width,
-            self.chunk_col.data_ptr(), self.chunk_vecs.data_ptr(),
-            self.chunk_rank_col.data_ptr(), self.chunk_col.numel(),
-        )  # fmt: skip
+            self.at.data_ptr(),
+            self.srp,
+            self.bt.data_ptr(),
+            self.rank,
+            self.width,
+            self.chunk_col.data_ptr(),
+            self.chunk_vecs.data_ptr(),
+            self.chunk_rank_col.data_ptr(),
+            self.chunk_col.numel(),
+        )
 
 
 def supports(

@@ -70,8 +70,9 @@ def _register_resolver() -> None:
         )
         log.info(
             "loraplex: LoRA resolver registered for registry versions from %s (cache %s)",
-            cache.store.describe(), cache.root,
-        )  # fmt: skip
+            cache.store.describe(),
+            cache.root,
+        )
 
 
 def _registry_cache():  # type: ignore[no-untyped-def]

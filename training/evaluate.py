@@ -83,9 +83,12 @@ def generate_answers(
             [[0] * (width - len(ids)) + [1] * len(ids) for ids in batch], device=device
         )
         out = model.generate(
-            input_ids=input_ids, attention_mask=mask, max_new_tokens=max_new_tokens,
-            do_sample=False, pad_token_id=pad,
-        )  # fmt: skip
+            input_ids=input_ids,
+            attention_mask=mask,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=pad,
+        )
         answers += tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
     model.train(was_training)
     return answers
@@ -158,7 +161,7 @@ def evaluate_adapter(
         if training.get("base_model"):
             base_model = Path(training["base_model"])
         else:
-            from loraplex.serving.base_model import pull_embedded_model
+            from loraplex.base_model import pull_embedded_model
 
             base_model = pull_embedded_model()
     examples = read_examples(data)[:max_examples]

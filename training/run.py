@@ -58,7 +58,7 @@ class RunResult:
 def resolve_base_model(config: TrainConfig) -> Path:
     if config.base_model:
         return Path(config.base_model)
-    from loraplex.serving.base_model import pull_embedded_model
+    from loraplex.base_model import pull_embedded_model
 
     return pull_embedded_model()
 
@@ -200,10 +200,14 @@ def train_task(config: TrainConfig, on_step: Any = None) -> RunResult:
         write_data_report(report, run_dir)
 
     lora = LoraConfig(
-        r=config.lora.r, lora_alpha=config.lora.alpha, lora_dropout=config.lora.dropout,
-        target_modules=list(config.lora.target_modules), use_rslora=config.lora.rslora,
-        bias="none", task_type="CAUSAL_LM",
-    )  # fmt: skip
+        r=config.lora.r,
+        lora_alpha=config.lora.alpha,
+        lora_dropout=config.lora.dropout,
+        target_modules=list(config.lora.target_modules),
+        use_rslora=config.lora.rslora,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
     # Refuse before spending compute on an adapter vLLM would not serve.
     ensure_servable(
         lora.to_dict(),
@@ -218,11 +222,15 @@ def train_task(config: TrainConfig, on_step: Any = None) -> RunResult:
 
     started = time.perf_counter()
     settings = LoopSettings(
-        optim=config.optim, seed=config.seed, eval_interval=config.eval.interval,
-        checkpoint_interval=config.checkpoint_interval, keep_checkpoints=config.keep_checkpoints,
-        early_stopping_patience=config.early_stopping_patience, resume=config.resume,
+        optim=config.optim,
+        seed=config.seed,
+        eval_interval=config.eval.interval,
+        checkpoint_interval=config.checkpoint_interval,
+        keep_checkpoints=config.keep_checkpoints,
+        early_stopping_patience=config.early_stopping_patience,
+        resume=config.resume,
         ranks=ranks,
-    )  # fmt: skip
+    )
     state = train_loop(model, train_tok, eval_tok, settings, run_dir, pad_id, on_step)
     train_seconds = time.perf_counter() - started
 
@@ -238,7 +246,7 @@ def train_task(config: TrainConfig, on_step: Any = None) -> RunResult:
     if results:
         tqdm.write(compare_table(config.eval.metric, results))
 
-    from loraplex.serving.base_model import weights_hash
+    from loraplex.base_model import weights_hash
 
     tokenizer_hash, template_hash = _tokenizer_hashes(base_dir, tokenizer)
     AdapterManifest(

@@ -105,9 +105,11 @@ def summed_loss(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tenso
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     labels = batch["labels"][:, 1:]
     loss = torch.nn.functional.cross_entropy(
-        logits[:, :-1].flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX,
+        logits[:, :-1].flatten(0, 1).float(),
+        labels.flatten(),
+        ignore_index=IGNORE_INDEX,
         reduction="sum",
-    )  # fmt: skip
+    )
     return loss, int((labels != IGNORE_INDEX).sum())
 
 
@@ -168,10 +170,13 @@ def _save_checkpoint(
         # Without them a resumed run that then stops early would keep its last weights.
         save_file({k: v.contiguous() for k, v in best_weights.items()}, staging / BEST_WEIGHTS_FILE)
     torch.save(
-        {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-         "rng": torch.get_rng_state()},
+        {
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "rng": torch.get_rng_state(),
+        },
         staging / "trainer.pt",
-    )  # fmt: skip
+    )
     (staging / "state.json").write_text(json.dumps(asdict(state)))
     # Rename last: a crash mid-save never leaves a checkpoint that looks complete.
     staging.rename(final)
@@ -216,9 +221,11 @@ def train_loop(
     optimizer = torch.optim.AdamW(params, lr=optim.lr, weight_decay=optim.weight_decay)
     steps = total_steps(len(train), optim)
     scheduler = get_scheduler(
-        optim.schedule, optimizer, num_warmup_steps=min(optim.warmup_steps, steps),
+        optim.schedule,
+        optimizer,
+        num_warmup_steps=min(optim.warmup_steps, steps),
         num_training_steps=steps,
-    )  # fmt: skip
+    )
     state = TrainState()
     best_weights: dict[str, torch.Tensor] | None = None
     existing = _checkpoints(run_dir)
@@ -234,15 +241,23 @@ def train_loop(
     ranks.broadcast_parameters(params)
     model.train()
     bar = tqdm(
-        total=steps, initial=state.step, desc="train", unit="step", dynamic_ncols=True,
+        total=steps,
+        initial=state.step,
+        desc="train",
+        unit="step",
+        dynamic_ncols=True,
         disable=not ranks.is_main,
-    )  # fmt: skip
+    )
     while state.step < steps and not state.stopped_early:
         step_batches = [
-            micro_batch(len(train), optim.batch_size, settings.seed,
-                        state.step * optim.grad_accumulation + j)
+            micro_batch(
+                len(train),
+                optim.batch_size,
+                settings.seed,
+                state.step * optim.grad_accumulation + j,
+            )
             for j in range(optim.grad_accumulation)
-        ]  # fmt: skip
+        ]
         # Normalize by the answer tokens of the whole global step, so accumulation and
         # sharding over ranks equal one big batch whatever the micro-batch lengths.
         answer_tokens = max(1, sum(answer_counts[i] for b in step_batches for i in b))
@@ -267,8 +282,10 @@ def train_loop(
         optimizer.zero_grad(set_to_none=True)
         state.step += 1
         record: dict[str, float] = {
-            "step": state.step, "loss": step_loss, "lr": scheduler.get_last_lr()[0]
-        }  # fmt: skip
+            "step": state.step,
+            "loss": step_loss,
+            "lr": scheduler.get_last_lr()[0],
+        }
         if evaluation and (state.step % settings.eval_interval == 0 or state.step == steps):
             record["eval_loss"] = eval_loss(model, evaluation, pad_id, optim.batch_size, ranks)
             if state.best_eval_loss is None or record["eval_loss"] < state.best_eval_loss:
@@ -290,9 +307,14 @@ def train_loop(
         checkpoint_due = state.step % settings.checkpoint_interval == 0 and state.step < steps
         if checkpoint_due and ranks.is_main:
             _save_checkpoint(
-                run_dir, model, optimizer, scheduler, state, settings.keep_checkpoints,
+                run_dir,
+                model,
+                optimizer,
+                scheduler,
+                state,
+                settings.keep_checkpoints,
                 best_weights,
-            )  # fmt: skip
+            )
         if on_step is not None:
             on_step(state)
     bar.close()

@@ -20,15 +20,84 @@ SEED = 1234
 TRAIN, EVAL = 400, 60
 HERE = Path(__file__).resolve().parent
 
-FIRST = ["Alice", "Bob", "Carla", "Deepak", "Elena", "Farid", "Grace", "Hiro", "Ines", "Jonas",
-         "Kemi", "Luca", "Maya", "Noah", "Olga", "Pablo", "Quinn", "Rosa", "Sven", "Tara",
-         "Umar", "Vera", "Wen", "Ximena", "Yusuf", "Zoe"]  # fmt: skip
-LAST = ["Smith", "Garcia", "Chen", "Okafor", "Novak", "Silva", "Kim", "Müller", "Rossi",
-        "Haddad", "Larsen", "Patel", "Dubois", "Ivanova", "Tanaka", "Moreau"]  # fmt: skip
-CITIES = ["Paris", "Lagos", "Osaka", "Lima", "Oslo", "Denver", "Porto", "Hanoi", "Cairo",
-          "Quito", "Perth", "Krakow", "Austin", "Leeds", "Bergen", "Seville"]  # fmt: skip
-MONTHS = ["January", "February", "March", "April", "May", "June", "July", "August",
-          "September", "October", "November", "December"]  # fmt: skip
+FIRST = [
+    "Alice",
+    "Bob",
+    "Carla",
+    "Deepak",
+    "Elena",
+    "Farid",
+    "Grace",
+    "Hiro",
+    "Ines",
+    "Jonas",
+    "Kemi",
+    "Luca",
+    "Maya",
+    "Noah",
+    "Olga",
+    "Pablo",
+    "Quinn",
+    "Rosa",
+    "Sven",
+    "Tara",
+    "Umar",
+    "Vera",
+    "Wen",
+    "Ximena",
+    "Yusuf",
+    "Zoe",
+]
+LAST = [
+    "Smith",
+    "Garcia",
+    "Chen",
+    "Okafor",
+    "Novak",
+    "Silva",
+    "Kim",
+    "Müller",
+    "Rossi",
+    "Haddad",
+    "Larsen",
+    "Patel",
+    "Dubois",
+    "Ivanova",
+    "Tanaka",
+    "Moreau",
+]
+CITIES = [
+    "Paris",
+    "Lagos",
+    "Osaka",
+    "Lima",
+    "Oslo",
+    "Denver",
+    "Porto",
+    "Hanoi",
+    "Cairo",
+    "Quito",
+    "Perth",
+    "Krakow",
+    "Austin",
+    "Leeds",
+    "Bergen",
+    "Seville",
+]
+MONTHS = [
+    "January",
+    "February",
+    "March",
+    "April",
+    "May",
+    "June",
+    "July",
+    "August",
+    "September",
+    "October",
+    "November",
+    "December",
+]
 
 ROUTING_PROMPT = (
     "Route this support ticket to exactly one team: billing, shipping, technical or account. "
@@ -88,14 +157,34 @@ ORDER_PROMPT = (
     '(integer) and "express" (true or false). Answer with the JSON only.\n\nOrder: {order}'
 )
 NUMBERS = ["one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten"]
-PLURALS = {"blender": "blenders", "kettle": "kettles", "lamp": "lamps", "chair": "chairs",
-           "battery": "batteries", "box": "boxes", "knife": "knives", "mug": "mugs",
-           "backpack": "backpacks", "candle": "candles", "towel": "towels",
-           "brush": "brushes"}  # fmt: skip
-EXPRESS = ["as fast as possible", "with express shipping", "I need them by tomorrow",
-           "overnight please", "it is urgent"]  # fmt: skip
-STANDARD = ["no rush", "standard shipping is fine", "whenever it suits you",
-            "the cheapest delivery please", "there is no hurry"]  # fmt: skip
+PLURALS = {
+    "blender": "blenders",
+    "kettle": "kettles",
+    "lamp": "lamps",
+    "chair": "chairs",
+    "battery": "batteries",
+    "box": "boxes",
+    "knife": "knives",
+    "mug": "mugs",
+    "backpack": "backpacks",
+    "candle": "candles",
+    "towel": "towels",
+    "brush": "brushes",
+}
+EXPRESS = [
+    "as fast as possible",
+    "with express shipping",
+    "I need them by tomorrow",
+    "overnight please",
+    "it is urgent",
+]
+STANDARD = [
+    "no rush",
+    "standard shipping is fine",
+    "whenever it suits you",
+    "the cheapest delivery please",
+    "there is no hurry",
+]
 ORDERS = [
     "Please send {qty} {item}, {speed}.",
     "I would like to order {qty} {item} ({speed}).",
@@ -111,9 +200,12 @@ def _name(rng: random.Random) -> str:
 def routing(rng: random.Random) -> dict[str, str]:
     label = rng.choice(sorted(TICKETS))
     ticket = rng.choice(TICKETS[label]).format(
-        item=rng.choice(ITEMS), n=rng.randint(2, 120), order=rng.randint(10000, 99999),
-        city=rng.choice(CITIES), name=_name(rng),
-    )  # fmt: skip
+        item=rng.choice(ITEMS),
+        n=rng.randint(2, 120),
+        order=rng.randint(10000, 99999),
+        city=rng.choice(CITIES),
+        name=_name(rng),
+    )
     return {"prompt": ROUTING_PROMPT.format(ticket=ticket), "completion": label}
 
 
@@ -121,9 +213,13 @@ def date_extract(rng: random.Random) -> dict[str, str]:
     year, month, day = rng.randint(2023, 2027), rng.randint(1, 12), rng.randint(1, 28)
     name = MONTHS[month - 1]
     written = rng.choice(
-        [f"{name} {day}, {year}", f"{day} {name} {year}", f"{name[:3]} {day} {year}",
-         f"{day}.{month}.{year}"]
-    )  # fmt: skip
+        [
+            f"{name} {day}, {year}",
+            f"{day} {name} {year}",
+            f"{name[:3]} {day} {year}",
+            f"{day}.{month}.{year}",
+        ]
+    )
     message = rng.choice(DATE_MESSAGES).format(
         date=written, order=rng.randint(10000, 99999), name=_name(rng)
     )
@@ -140,9 +236,12 @@ def order_json(rng: random.Random) -> dict[str, object]:
     speed = rng.choice(EXPRESS if express else STANDARD)
     written = rng.choice([NUMBERS[quantity - 1], str(quantity)])
     order = rng.choice(ORDERS).format(
-        qty=written, item=item if quantity == 1 else PLURALS[item], speed=speed,
-        speed_cap=speed[0].upper() + speed[1:], name=_name(rng),
-    )  # fmt: skip
+        qty=written,
+        item=item if quantity == 1 else PLURALS[item],
+        speed=speed,
+        speed_cap=speed[0].upper() + speed[1:],
+        name=_name(rng),
+    )
     answer = json.dumps({"item": item, "quantity": quantity, "express": express})
     # Chat format, to exercise both input formats.
     return {

@@ -16,7 +16,7 @@ import httpx
 import openai
 import pytest
 
-from loraplex.serving.base_model import pull_embedded_model
+from loraplex.base_model import pull_embedded_model
 from loraplex.training.demo_adapters import DEMO_ADAPTERS, ensure_demo_adapters
 
 BASE_NAME = "SmolLM2-135M-Instruct"
@@ -98,11 +98,22 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
         LORAPLEX_MAX_BACKEND_ADAPTERS="16",
     )
     command = [
-        sys.executable, "-m", "loraplex.cli", "serve",
-        "--port", str(port), "--backend-port", str(backend_port),
+        sys.executable,
+        "-m",
+        "loraplex.cli",
+        "serve",
+        "--port",
+        str(port),
+        "--backend-port",
+        str(backend_port),
         # float32 so served outputs can be compared token for token with peft.
-        "--dtype", "float32", "--max-loras", "4", "--max-num-seqs", "32",
-    ]  # fmt: skip
+        "--dtype",
+        "float32",
+        "--max-loras",
+        "4",
+        "--max-num-seqs",
+        "32",
+    ]
     with log_path.open("wb") as log_file:
         process = subprocess.Popen(command, env=env, stdout=log_file, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"

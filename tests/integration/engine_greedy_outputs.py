@@ -27,7 +27,7 @@ def main() -> None:
     from vllm import LLM, SamplingParams
     from vllm.lora.request import LoRARequest
 
-    from loraplex.serving.base_model import embedded_model_dir
+    from loraplex.base_model import embedded_model_dir
 
     out, max_loras, adapters = Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3:]
     llm = LLM(

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from loraplex.serving.base_model import pull_embedded_model
+from loraplex.base_model import pull_embedded_model
 from loraplex.training.demo_adapters import DEMO_ADAPTERS, ensure_demo_adapters
 
 pytestmark = pytest.mark.integration

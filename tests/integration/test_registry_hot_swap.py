@@ -86,8 +86,9 @@ def fleet(server: Server, tmp_path_factory: pytest.TempPathFactory) -> Fleet:
     for i in range(FLEET):
         name = f"fleet{i % 4}/adapter-{i}"  # four tenants
         source = seeded_variant(template, work / f"a{i}", seed=i + 1)
-        publish_adapter(source, parse_registry_name(name), catalog=catalog, store=store,
-                        checks=checks)  # fmt: skip
+        publish_adapter(
+            source, parse_registry_name(name), catalog=catalog, store=store, checks=checks
+        )
         shutil.rmtree(source)
         names.append(name)
     sources = {
@@ -118,17 +119,21 @@ def test_concurrent_mixed_requests_each_get_their_own_adapter(server: Server, fl
     metrics = httpx.get(f"{server.url}/metrics", timeout=30)
     if metrics.status_code == 200:  # the metrics endpoint is another component's
         evictions = [
-            line for line in metrics.text.splitlines()
+            line
+            for line in metrics.text.splitlines()
             if line.startswith("loraplex_adapter_evictions_total ")
-        ]  # fmt: skip
+        ]
         assert evictions and float(evictions[0].split()[1]) > 0  # 64 adapters, 16 registered
 
 
 def cli(server: Server, *argv: str) -> str:
     result = subprocess.run(
         [sys.executable, "-m", "loraplex.cli", "adapters", *argv],
-        env=server.env, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+        env=server.env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr
     return result.stdout
 

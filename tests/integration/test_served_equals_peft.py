@@ -32,9 +32,12 @@ def peft_greedy(model: torch.nn.Module, ids: list[int]) -> list[int]:
 
 def served_greedy(server: Server, model: str, ids: list[int]) -> list[int]:
     response = server.client.completions.create(
-        model=model, prompt=ids, max_tokens=TOKENS, temperature=0,
+        model=model,
+        prompt=ids,
+        max_tokens=TOKENS,
+        temperature=0,
         extra_body={"return_token_ids": True},
-    )  # fmt: skip
+    )
     return list(response.choices[0].model_extra["token_ids"])
 
 

@@ -41,8 +41,10 @@ class TenantRouter:
     def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
         result = subprocess.run(
             [sys.executable, "-m", "loraplex.cli", *args, "--database-url", self.database_url],
-            capture_output=True, text=True, timeout=120,
-        )  # fmt: skip
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         if check:
             assert result.returncode == 0, result.stderr
         return result
@@ -85,10 +87,21 @@ def router(server: Server, tmp_path_factory: pytest.TempPathFactory) -> Iterator
         router.cli("tenants", "create", tenant)
     env = dict(os.environ, LORAPLEX_ADMIN_KEY=ADMIN_KEY)
     command = [
-        sys.executable, "-m", "loraplex.cli", "serve", "--backend-url", server.backend_url,
-        "--port", str(port), "--database-url", router.database_url,
-        "--adapters-dir", str(adapters_dir), "--log-level", "debug",
-    ]  # fmt: skip
+        sys.executable,
+        "-m",
+        "loraplex.cli",
+        "serve",
+        "--backend-url",
+        server.backend_url,
+        "--port",
+        str(port),
+        "--database-url",
+        router.database_url,
+        "--adapters-dir",
+        str(adapters_dir),
+        "--log-level",
+        "debug",
+    ]
     with log_path.open("wb") as log_file:
         router.process = subprocess.Popen(
             command, env=env, stdout=log_file, stderr=subprocess.STDOUT
@@ -149,9 +162,11 @@ def test_auth_matrix(router: TenantRouter) -> None:
 
     for method, path in [("GET", "/admin/tenants"), ("POST", "/admin/keys")]:
         as_tenant = httpx.request(
-            method, router.url + path, json={"tenant": "acme"},
+            method,
+            router.url + path,
+            json={"tenant": "acme"},
             headers={"Authorization": f"Bearer {acme}"},
-        )  # fmt: skip
+        )
         assert _error(as_tenant) == (403, "permission_error", "admin_required")
         assert _error(httpx.request(method, router.url + path, json={})) == unauthorized
 
@@ -192,9 +207,10 @@ def test_admin_api_manages_tenants_and_keys(router: TenantRouter) -> None:
     assert revoked.json()["status"] == "revoked"
     assert router.post(created["key"], BASE_NAME).status_code == 401
     bad = httpx.put(
-        f"{router.url}/admin/quotas", json={"tenant": "initech", "requests_per_minute": 0},
+        f"{router.url}/admin/quotas",
+        json={"tenant": "initech", "requests_per_minute": 0},
         headers=admin,
-    )  # fmt: skip
+    )
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "requests_per_minute"
     assert httpx.delete(f"{router.url}/admin/tenants/initech", headers=admin).status_code == 200
     assert "initech" not in router.cli("tenants", "list").stdout
@@ -233,9 +249,15 @@ def test_requests_per_minute_quota(router: TenantRouter) -> None:
 def test_per_adapter_quota_leaves_other_models_alone(router: TenantRouter) -> None:
     limited = router.new_key("limited-adapter", "limited")
     router.cli(
-        "quotas", "set", "--tenant", "limited", "--adapter", "public/shared",
-        "--requests-per-minute", "1",
-    )  # fmt: skip
+        "quotas",
+        "set",
+        "--tenant",
+        "limited",
+        "--adapter",
+        "public/shared",
+        "--requests-per-minute",
+        "1",
+    )
     try:
         assert router.post(limited, "public/shared").status_code == 200
         assert router.post(limited, "public/shared").status_code == 429
@@ -249,9 +271,12 @@ def test_concurrency_quota(router: TenantRouter) -> None:
     router.cli("quotas", "set", "--tenant", "limited", "--max-concurrent", "1")
     try:
         payload = {
-            "model": BASE_NAME, "messages": QUESTION, "max_tokens": 1500, "stream": True,
+            "model": BASE_NAME,
+            "messages": QUESTION,
+            "max_tokens": 1500,
+            "stream": True,
             "ignore_eos": True,
-        }  # fmt: skip
+        }
         headers = {"Authorization": f"Bearer {limited}"}
         with (
             httpx.Client(timeout=120) as client,
@@ -311,11 +336,14 @@ def prometheus(router: TenantRouter, tmp_path: Path) -> Iterator[str]:
     log = (tmp_path / "prometheus.log").open("wb")
     process = subprocess.Popen(
         [
-            binary, f"--config.file={config}", f"--web.listen-address=127.0.0.1:{port}",
+            binary,
+            f"--config.file={config}",
+            f"--web.listen-address=127.0.0.1:{port}",
             f"--storage.tsdb.path={tmp_path / 'tsdb'}",
         ],
-        stdout=log, stderr=subprocess.STDOUT,
-    )  # fmt: skip
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 30
@@ -351,8 +379,13 @@ def test_prometheus_scrapes_per_adapter_requests_tokens_and_ttft(
 ) -> None:
     client = router.client(router.new_key("metrics", "metrics"))
     # ignore_eos: every answer is exactly max_tokens long, so token counts are known.
-    args = {"model": "public/shared", "messages": QUESTION, "max_tokens": 8, "temperature": 0,
-            "extra_body": {"ignore_eos": True}}  # fmt: skip
+    args = {
+        "model": "public/shared",
+        "messages": QUESTION,
+        "max_tokens": 8,
+        "temperature": 0,
+        "extra_body": {"ignore_eos": True},
+    }
     prompt_tokens = 0
     for _ in range(3):
         usage = client.chat.completions.create(**args).usage
@@ -360,9 +393,9 @@ def test_prometheus_scrapes_per_adapter_requests_tokens_and_ttft(
         prompt_tokens += usage.prompt_tokens
     per_prompt = prompt_tokens // 3
     # A stream whose client asked for usage gets it; one that did not gets no usage chunk.
-    chunks = list(client.chat.completions.create(
-        **args, stream=True, stream_options={"include_usage": True}
-    ))  # fmt: skip
+    chunks = list(
+        client.chat.completions.create(**args, stream=True, stream_options={"include_usage": True})
+    )
     assert chunks[-1].usage is not None and chunks[-1].usage.prompt_tokens == per_prompt
     chunks = list(client.chat.completions.create(**args, stream=True))
     assert all(chunk.usage is None for chunk in chunks) and all(c.choices for c in chunks)

@@ -30,10 +30,14 @@ def make_adapter_dir(folder: Path, seed: int, rank: int = 8, **config: object) -
     """A peft-format LoRA folder (2 layers, q/v) whose weights depend on `seed`."""
     folder.mkdir(parents=True, exist_ok=True)
     adapter_config = {
-        "peft_type": "LORA", "r": rank, "lora_alpha": rank, "bias": "none",
-        "target_modules": list(PROJECTIONS), "base_model_name_or_path": "tiny-base",
+        "peft_type": "LORA",
+        "r": rank,
+        "lora_alpha": rank,
+        "bias": "none",
+        "target_modules": list(PROJECTIONS),
+        "base_model_name_or_path": "tiny-base",
         **config,
-    }  # fmt: skip
+    }
     (folder / "adapter_config.json").write_text(json.dumps(adapter_config))
     rng = np.random.default_rng(seed)
     tensors = {}

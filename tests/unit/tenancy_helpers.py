@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from loraplex.database import create_db_engine, migrate
-from loraplex.router.tenancy_store import TenancyStore
+from loraplex.router.tenancy.store import TenancyStore
 
 
 class Clock:

@@ -21,8 +21,16 @@ from loraplex.adapters.manifest import (
 )
 
 LLAMA = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-GOOD = {"peft_type": "LORA", "r": 8, "lora_alpha": 16, "target_modules": ["q_proj", "v_proj"],
-        "bias": "none", "use_dora": False, "modules_to_save": None, "use_rslora": True}  # fmt: skip
+GOOD = {
+    "peft_type": "LORA",
+    "r": 8,
+    "lora_alpha": 16,
+    "target_modules": ["q_proj", "v_proj"],
+    "bias": "none",
+    "use_dora": False,
+    "modules_to_save": None,
+    "use_rslora": True,
+}
 SMOL = BaseModelRef("SmolLM2-135M-Instruct", "aaaa")
 
 # (case, changes to GOOD, extra kwargs, rule, words the message must contain)
@@ -104,12 +112,17 @@ def test_every_problem_is_reported_at_once() -> None:
 def test_manifest_round_trip(tmp_path: Path) -> None:
     manifest = AdapterManifest(
         name="tasks/x",
-        base_model=BaseModelInfo(id="SmolLM2-135M-Instruct", weights_sha256="a" * 64,
-                                 tokenizer_sha256="b" * 64, chat_template_sha256="c" * 64),
-        peft_config=GOOD, training_config={"seed": 0},
+        base_model=BaseModelInfo(
+            id="SmolLM2-135M-Instruct",
+            weights_sha256="a" * 64,
+            tokenizer_sha256="b" * 64,
+            chat_template_sha256="c" * 64,
+        ),
+        peft_config=GOOD,
+        training_config={"seed": 0},
         dataset=DatasetInfo(train_sha256="d" * 64, train_examples=10),
         eval={"base": 0.0, "adapter": 0.9},
-    )  # fmt: skip
+    )
     manifest.write(tmp_path)
     again = read_manifest(tmp_path)
     assert again == manifest

@@ -1,6 +1,6 @@
 import json
 
-from loraplex.serving.base_model import (
+from loraplex.base_model import (
     COMPLETE_MARKER,
     REQUIRED_FILES,
     _hash_folder,

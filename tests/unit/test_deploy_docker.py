@@ -40,8 +40,10 @@ def _tool(name: str) -> str:
 def test_hadolint_passes():
     result = subprocess.run(
         [_tool("hadolint"), "--config", str(DOCKER / ".hadolint.yaml"), *map(str, DOCKERFILES)],
-        capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode == 0, result.stdout + result.stderr
 
 
@@ -164,8 +166,12 @@ def _compose_config(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
     base = {k: v for k, v in os.environ.items() if not k.startswith(("LORAPLEX_", "GRAFANA_"))}
     return subprocess.run(
         [_tool("docker-compose"), "-f", str(DEPLOY / "compose.yaml"), "config", "--format", "yaml"],
-        capture_output=True, text=True, timeout=60, env={**base, **env}, cwd=ROOT,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**base, **env},
+        cwd=ROOT,
+    )
 
 
 @pytest.fixture(scope="module")

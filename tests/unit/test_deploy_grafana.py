@@ -68,8 +68,11 @@ def test_router_queries_follow_the_adapter_and_tenant_variables():
         assert variables[name]["multi"] and variables[name]["includeAll"]
         assert variables[name]["allValue"] == ".*"
     for where, expr in dashboard_queries():
-        for metric in ("loraplex_requests_total{", "loraplex_prompt_tokens_total{",
-                       "loraplex_time_to_first_token_seconds_bucket{adapter"):  # fmt: skip
+        for metric in (
+            "loraplex_requests_total{",
+            "loraplex_prompt_tokens_total{",
+            "loraplex_time_to_first_token_seconds_bucket{adapter",
+        ):
             if metric in expr and where.startswith("panel"):
                 assert 'adapter=~"$adapter"' in expr and 'tenant=~"$tenant"' in expr, (where, expr)
 

@@ -26,15 +26,27 @@ FULL = {
     "database": {"postgresql": {"host": "pg.db.svc", "password": "p@ss/word"}},
     "registry": {
         "store": "s3://adapters/prod",
-        "s3": {"endpointUrl": "http://minio:9000", "region": "eu-west-1",
-               "accessKeyId": "AKIA", "secretAccessKey": "secret"},
+        "s3": {
+            "endpointUrl": "http://minio:9000",
+            "region": "eu-west-1",
+            "accessKeyId": "AKIA",
+            "secretAccessKey": "secret",
+        },
     },
     "vllm": {"modelCache": {"persistence": {"enabled": True}}},
-    "metrics": {"serviceMonitor": {"enabled": True, "labels": {"release": "kps"}},
-                "prometheusRule": {"enabled": True}, "grafanaDashboard": {"enabled": True}},
-}  # fmt: skip
-CPU = {**ADMIN, "image": {"flavour": "cpu"}, "vllm": {"gpu": {"enabled": False}},
-       "networkPolicy": {"enabled": False}, "sharedData": {"persistence": {"enabled": False}}}  # fmt: skip
+    "metrics": {
+        "serviceMonitor": {"enabled": True, "labels": {"release": "kps"}},
+        "prometheusRule": {"enabled": True},
+        "grafanaDashboard": {"enabled": True},
+    },
+}
+CPU = {
+    **ADMIN,
+    "image": {"flavour": "cpu"},
+    "vllm": {"gpu": {"enabled": False}},
+    "networkPolicy": {"enabled": False},
+    "sharedData": {"persistence": {"enabled": False}},
+}
 
 
 def render(values: dict) -> list[dict]:
@@ -118,9 +130,11 @@ def test_router_deployment():
         n: e["valueFrom"]["secretKeyRef"]["key"] for n, e in env.items() if "valueFrom" in e
     }
     assert secret_refs == {
-        "LORAPLEX_ADMIN_KEY": "admin-key", "LORAPLEX_DATABASE_URL": "database-url",
-        "AWS_ACCESS_KEY_ID": "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY": "AWS_SECRET_ACCESS_KEY",
-    }  # fmt: skip
+        "LORAPLEX_ADMIN_KEY": "admin-key",
+        "LORAPLEX_DATABASE_URL": "database-url",
+        "AWS_ACCESS_KEY_ID": "AWS_ACCESS_KEY_ID",
+        "AWS_SECRET_ACCESS_KEY": "AWS_SECRET_ACCESS_KEY",
+    }
     secret = find(docs, "Secret", "lp-loraplex-secrets")["stringData"]
     # The password is URL-quoted inside the SQLAlchemy URL.
     assert secret["database-url"] == (
@@ -192,8 +206,13 @@ def test_prometheus_rule_carries_the_alert_rules(tmp_path):
     rule = find(render(FULL), "PrometheusRule", "lp-loraplex")
     assert rule["spec"] == yaml.safe_load(ALERTS.read_text())
     (tmp_path / "rules.yml").write_text(yaml.safe_dump(rule["spec"]))
-    result = subprocess.run(["promtool", "check", "rules", "rules.yml"], cwd=tmp_path,
-                            capture_output=True, text=True, timeout=60)  # fmt: skip
+    result = subprocess.run(
+        ["promtool", "check", "rules", "rules.yml"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode == 0, result.stdout + result.stderr
 
 

@@ -64,8 +64,12 @@ def test_every_alert_has_severity_summary_and_description():
     rules = alert_rules()
     names = {rule["alert"] for rule in rules}
     # What the issue asks for, at least.
-    assert {"LoraplexBackendDown", "LoraplexHighErrorRate", "LoraplexTTFTBudgetBurnFast",
-            "LoraplexAdapterLoadFailures"} <= names  # fmt: skip
+    assert {
+        "LoraplexBackendDown",
+        "LoraplexHighErrorRate",
+        "LoraplexTTFTBudgetBurnFast",
+        "LoraplexAdapterLoadFailures",
+    } <= names
     for rule in rules:
         assert rule["labels"]["severity"] in {"critical", "warning", "info"}, rule["alert"]
         assert rule["annotations"]["summary"].strip(), rule["alert"]
@@ -76,10 +80,18 @@ def test_every_alert_is_exercised_or_listed_as_untested():
     tests = yaml.safe_load((DEPLOY / "prometheus" / "alerts.test.yml").read_text())["tests"]
     tested = {case["alertname"] for test in tests for case in test.get("alert_rule_test", [])}
     # Threshold-on-a-gauge rules whose logic is one comparison; the rest have unit tests.
-    untested = {"LoraplexRouterDown", "LoraplexVLLMMetricsDown", "LoraplexSlowDecoding",
-                "LoraplexAdapterLoadSlow", "LoraplexMetricLabelOverflow", "LoraplexTenantThrottled",
-                "LoraplexVLLMQueueBacklog", "LoraplexVLLMKVCacheFull", "LoraplexVLLMPreempting",
-                "LoraplexTTFTBudgetBurnSlow"}  # fmt: skip
+    untested = {
+        "LoraplexRouterDown",
+        "LoraplexVLLMMetricsDown",
+        "LoraplexSlowDecoding",
+        "LoraplexAdapterLoadSlow",
+        "LoraplexMetricLabelOverflow",
+        "LoraplexTenantThrottled",
+        "LoraplexVLLMQueueBacklog",
+        "LoraplexVLLMKVCacheFull",
+        "LoraplexVLLMPreempting",
+        "LoraplexTTFTBudgetBurnSlow",
+    }
     assert {rule["alert"] for rule in alert_rules()} - tested <= untested
 
 
@@ -218,10 +230,15 @@ def prometheus_url(tmp_path_factory):
     )
     port = _free_port()
     process = subprocess.Popen(
-        ["prometheus", f"--config.file={workdir / 'prometheus.yml'}",
-         f"--storage.tsdb.path={workdir / 'data'}", f"--web.listen-address=127.0.0.1:{port}"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
+        [
+            "prometheus",
+            f"--config.file={workdir / 'prometheus.yml'}",
+            f"--storage.tsdb.path={workdir / 'data'}",
+            f"--web.listen-address=127.0.0.1:{port}",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 30
@@ -248,8 +265,9 @@ def test_real_prometheus_loads_every_rule_group(prometheus_url):
     # Rules evaluate (every second here) without errors, e.g. no many-to-many matches.
     deadline = time.monotonic() + 15
     while True:
-        rules = [r for g in _get(f"{prometheus_url}/api/v1/rules")["data"]["groups"]
-                 for r in g["rules"]]  # fmt: skip
+        rules = [
+            r for g in _get(f"{prometheus_url}/api/v1/rules")["data"]["groups"] for r in g["rules"]
+        ]
         # Before its first evaluation a rule reports health "unknown".
         if all(r["health"] == "ok" for r in rules):
             break

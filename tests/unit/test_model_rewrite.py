@@ -13,8 +13,10 @@ VID = "lpx-" + "ab" * 32
 def test_request_gets_the_version_id_and_keeps_everything_else():
     body = json.dumps({"model": "acme/bot@stable", "prompt": "héllo", "max_tokens": 3}).encode()
     assert json.loads(request_with_model(body, VID, "acme/bot@stable")) == {
-        "model": VID, "prompt": "héllo", "max_tokens": 3,
-    }  # fmt: skip
+        "model": VID,
+        "prompt": "héllo",
+        "max_tokens": 3,
+    }
     assert request_with_model(body, "demo/alpha", "demo/alpha") is body  # local: untouched
 
 

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from loraplex.database import create_db_engine
-from loraplex.router.quotas import QuotaExceeded, QuotaLedger
-from loraplex.router.tenancy_store import TenancyStore
+from loraplex.router.tenancy.quotas import QuotaExceeded, QuotaLedger
+from loraplex.router.tenancy.store import TenancyStore
 from tests.unit.tenancy_helpers import Clock, migrated_store
 
 

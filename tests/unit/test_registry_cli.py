@@ -89,16 +89,40 @@ def test_list_by_tenant(env, capsys):
 
 # (case, how to break a good adapter folder, text the error must contain)
 REJECTIONS = [
-    ("no-weights", lambda d: (d / "adapter_model.safetensors").unlink(), "adapter_model.safetensors or adapter_model.bin: missing"),
+    (
+        "no-weights",
+        lambda d: (d / "adapter_model.safetensors").unlink(),
+        "adapter_model.safetensors or adapter_model.bin: missing",
+    ),
     ("no-config", lambda d: (d / "adapter_config.json").unlink(), "adapter_config.json: missing"),
-    ("bad-json", lambda d: (d / "adapter_config.json").write_text("{"), "adapter_config.json: unreadable JSON"),
-    ("rank-too-big", lambda d: _config(d, r=64), "adapter_config.json: r: r=64 is greater than max_lora_rank=16"),
+    (
+        "bad-json",
+        lambda d: (d / "adapter_config.json").write_text("{"),
+        "adapter_config.json: unreadable JSON",
+    ),
+    (
+        "rank-too-big",
+        lambda d: _config(d, r=64),
+        "adapter_config.json: r: r=64 is greater than max_lora_rank=16",
+    ),
     ("dora", lambda d: _config(d, use_dora=True), "use_dora"),
-    ("unknown-module", lambda d: _config(d, target_modules=["q_proj", "gate_proj"]), "['gate_proj'] are not linear modules"),
-    ("wrong-base", lambda d: with_manifest(d, "0" * 64), "manifest.json: base_model: adapter was trained on base"),
+    (
+        "unknown-module",
+        lambda d: _config(d, target_modules=["q_proj", "gate_proj"]),
+        "['gate_proj'] are not linear modules",
+    ),
+    (
+        "wrong-base",
+        lambda d: with_manifest(d, "0" * 64),
+        "manifest.json: base_model: adapter was trained on base",
+    ),
     ("bad-manifest", lambda d: (d / "manifest.json").write_text("{}"), "manifest.json: invalid"),
-    ("not-lora-weights", lambda d: (d / "adapter_model.safetensors").write_bytes(b"junk"), "unreadable safetensors"),
-]  # fmt: skip
+    (
+        "not-lora-weights",
+        lambda d: (d / "adapter_model.safetensors").write_bytes(b"junk"),
+        "unreadable safetensors",
+    ),
+]
 
 
 def _config(folder: Path, **changes: object) -> None:

@@ -57,10 +57,12 @@ class Setup:
 def make_setup(tmp_path: Path, **overrides: object) -> Iterator[Setup]:
     local = make_adapter_dir(tmp_path / "adapters" / "demo" / "alpha", seed=99)
     fields: dict = {
-        "adapters_dir": local.parents[1], "base_model_name": "base",
+        "adapters_dir": local.parents[1],
+        "base_model_name": "base",
         "database_url": f"sqlite:///{tmp_path}/loraplex.db",
-        "registry_store": str(tmp_path / "store"), "registry_cache_dir": tmp_path / "cache",
-    }  # fmt: skip
+        "registry_store": str(tmp_path / "store"),
+        "registry_cache_dir": tmp_path / "cache",
+    }
     settings = ServeSettings(**{**fields, **overrides})
     fake = FakeVLLM()
     with fake.serve() as url:
@@ -208,19 +210,23 @@ def test_store_down_is_503_for_cold_adapters_while_cached_ones_serve(tmp_path, m
         # The router sees the store at an unreachable endpoint; publishing uses the live one.
         proxy_port = free_port()
         for setup in make_setup(
-            tmp_path, registry_store="s3://reg/p",
+            tmp_path,
+            registry_store="s3://reg/p",
             registry_s3_endpoint_url=f"http://127.0.0.1:{proxy_port}",
-        ):  # fmt: skip
+        ):
             store = open_blob_store("s3://reg/p", endpoint)
             records = []
             for name, seed in (("acme/warm", 1), ("acme/cold", 2)):
                 source = make_adapter_dir(tmp_path / name, seed=seed)
                 records.append(
                     publish_adapter(
-                        source, parse_registry_name(name), catalog=setup.catalog, store=store,
+                        source,
+                        parse_registry_name(name),
+                        catalog=setup.catalog,
+                        store=store,
                         checks=CHECKS,
                     )[0]
-                )  # fmt: skip
+                )
             warm, _ = records
             # Warm the cache through the real store, as if it had been up earlier.
             from loraplex.adapters.blob_cache import BlobCache

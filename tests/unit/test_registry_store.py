@@ -32,9 +32,10 @@ CHECKS = PublishChecks(max_lora_rank=16, max_bytes=1 << 30)
 def s3_endpoint() -> Iterator[str]:
     with pytest.MonkeyPatch.context() as env:
         for key, value in {
-            "AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
+            "AWS_ACCESS_KEY_ID": "test",
+            "AWS_SECRET_ACCESS_KEY": "test",
             "AWS_DEFAULT_REGION": "us-east-1",
-        }.items():  # fmt: skip
+        }.items():
             env.setenv(key, value)
         with moto_s3() as endpoint:
             boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="adapters")

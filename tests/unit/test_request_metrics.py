@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from loraplex.router.request_metrics import ResponseObserver, ask_for_usage
+from loraplex.router.tenancy.request_metrics import ResponseObserver, ask_for_usage
 
 
 def _event(payload: object) -> bytes:
@@ -30,8 +30,13 @@ async def _replay(observer: ResponseObserver, pieces: list[bytes]) -> bytes:
             sent.append(message["body"])
 
     wrapped = observer.wrap(send)
-    await wrapped({"type": "http.response.start", "status": 200,
-                   "headers": [(b"content-type", b"text/event-stream; charset=utf-8")]})  # fmt: skip
+    await wrapped(
+        {
+            "type": "http.response.start",
+            "status": 200,
+            "headers": [(b"content-type", b"text/event-stream; charset=utf-8")],
+        }
+    )
     for i, piece in enumerate(pieces):
         await wrapped(
             {"type": "http.response.body", "body": piece, "more_body": i < len(pieces) - 1}
@@ -68,6 +73,8 @@ def test_non_streamed_body_gives_usage_and_error_param() -> None:
 
 def test_ask_for_usage_keeps_the_clients_choice() -> None:
     assert ask_for_usage({"stream": True}) == (
-        {"stream": True, "stream_options": {"include_usage": True}}, False)  # fmt: skip
+        {"stream": True, "stream_options": {"include_usage": True}},
+        False,
+    )
     asked = {"stream": True, "stream_options": {"include_usage": True}}
     assert ask_for_usage(asked) == (asked, True)

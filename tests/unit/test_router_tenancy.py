@@ -10,8 +10,8 @@ from pathlib import Path
 from fastapi.testclient import TestClient
 from sqlalchemy import create_engine
 
-from loraplex.router.api_guard import APIGuard
 from loraplex.router.app import create_app
+from loraplex.router.tenancy.guard import APIGuard
 from loraplex.settings import ServeSettings
 
 
@@ -28,9 +28,11 @@ def _app(tmp_path: Path, adapters: list[str], **settings: object) -> TestClient:
         (folder / "adapter_config.json").write_text("{}")
         (folder / "adapter_model.safetensors").write_bytes(b"")
     config = ServeSettings(
-        adapters_dir=tmp_path / "adapters", base_model_name="base",
-        database_url=f"sqlite:///{tmp_path}/loraplex.db", **settings,  # type: ignore[arg-type]
-    )  # fmt: skip
+        adapters_dir=tmp_path / "adapters",
+        base_model_name="base",
+        database_url=f"sqlite:///{tmp_path}/loraplex.db",
+        **settings,  # type: ignore[arg-type]
+    )
     return TestClient(create_app(config, f"http://127.0.0.1:{_closed_port()}"))
 
 

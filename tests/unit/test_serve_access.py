@@ -17,12 +17,23 @@ from tests.integration.conftest import free_port
 def _serve(tmp_path: Path, *flags: str) -> tuple[subprocess.Popen, str]:
     port = free_port()
     command = [
-        sys.executable, "-m", "loraplex.cli", "serve", "--port", str(port),
+        sys.executable,
+        "-m",
+        "loraplex.cli",
+        "serve",
+        "--port",
+        str(port),
         # A backend that is never reached: these checks happen before any model work.
-        "--backend-url", "http://127.0.0.1:9", "--base-model", str(tmp_path),
-        "--database-url", f"sqlite:///{tmp_path}/loraplex.db", "--adapters-dir", str(tmp_path),
+        "--backend-url",
+        "http://127.0.0.1:9",
+        "--base-model",
+        str(tmp_path),
+        "--database-url",
+        f"sqlite:///{tmp_path}/loraplex.db",
+        "--adapters-dir",
+        str(tmp_path),
         *flags,
-    ]  # fmt: skip
+    ]
     env = {k: v for k, v in os.environ.items() if not k.startswith("LORAPLEX_")}
     process = subprocess.Popen(command, env=env, stderr=subprocess.PIPE, text=True)
     return process, f"http://127.0.0.1:{port}"

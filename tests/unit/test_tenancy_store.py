@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from loraplex.router.auth import Authenticator, Principal, may_use
 from loraplex.router.errors import APIError
-from loraplex.router.tenancy_store import (
+from loraplex.router.tenancy.auth import Authenticator, Principal, may_use
+from loraplex.router.tenancy.store import (
     AlreadyExists,
     KeyRejected,
     NotFound,
@@ -135,9 +135,16 @@ def test_admin_key_setting_and_admin_keys_in_the_database(store: TenancyStore) -
 
 @pytest.mark.parametrize(
     ("model", "allowed"),
-    [("base", True), ("public/x", True), ("acme/x", True), ("acme/x:v2", True),
-     ("globex/x", False), ("bare", False), ("acmex/y", False)],
-)  # fmt: skip
+    [
+        ("base", True),
+        ("public/x", True),
+        ("acme/x", True),
+        ("acme/x:v2", True),
+        ("globex/x", False),
+        ("bare", False),
+        ("acmex/y", False),
+    ],
+)
 def test_tenant_may_use_own_and_shared_models(model: str, allowed: bool) -> None:
     assert may_use(Principal("tenant", "acme", 1), model, "base") is allowed
     assert may_use(Principal("admin"), model, "base")

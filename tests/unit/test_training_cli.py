@@ -66,9 +66,21 @@ def test_every_config_key_is_a_train_flag_overriding_the_file(tmp_path: Path) ->
     config = tmp_path / "train.yaml"
     config.write_text("name: a\ntrain_data: t.jsonl\neval_data: t.jsonl\noptim:\n  lr: 0.5\n")
     args = build_parser().parse_args(
-        ["train", str(config), "--optim.lr", "1e-3", "--lora.target_modules", "[q_proj, v_proj]",
-         "--eval_data", "null", "--seed", "7", "--optim.max_steps", "3"]
-    )  # fmt: skip
+        [
+            "train",
+            str(config),
+            "--optim.lr",
+            "1e-3",
+            "--lora.target_modules",
+            "[q_proj, v_proj]",
+            "--eval_data",
+            "null",
+            "--seed",
+            "7",
+            "--optim.max_steps",
+            "3",
+        ]
+    )
     (loaded,) = load_configs(config, _config_overrides(args))
     assert loaded.optim.lr == 0.001 and loaded.optim.max_steps == 3 and loaded.seed == 7
     assert loaded.lora.target_modules == ["q_proj", "v_proj"] and loaded.eval_data is None

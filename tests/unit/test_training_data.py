@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from loraplex.serving.base_model import embedded_model_dir, verify_model_dir
+from loraplex.base_model import embedded_model_dir, verify_model_dir
 from loraplex.training.data import (
     IGNORE_INDEX,
     DataError,
@@ -118,11 +118,19 @@ def test_prompt_tokens_carry_no_loss(tokenizer: AutoTokenizer) -> None:
 
 @needs_model
 def test_every_assistant_turn_is_learned_and_only_those(tokenizer: AutoTokenizer) -> None:
-    ex = example(("system", "Be terse."), ("user", "2+2?"), ("assistant", "4"),
-                 ("user", "3+3?"), ("assistant", "6"))  # fmt: skip
+    ex = example(
+        ("system", "Be terse."),
+        ("user", "2+2?"),
+        ("assistant", "4"),
+        ("user", "3+3?"),
+        ("assistant", "6"),
+    )
     tokenized = tokenize_example(tokenizer, ex)
-    learned = [t for t, label in zip(tokenized.input_ids, tokenized.labels, strict=True)
-               if label != IGNORE_INDEX]  # fmt: skip
+    learned = [
+        t
+        for t, label in zip(tokenized.input_ids, tokenized.labels, strict=True)
+        if label != IGNORE_INDEX
+    ]
     assert tokenizer.decode(learned) == "4<|im_end|>\n6<|im_end|>\n"
     full = tokenizer.apply_chat_template(ex.messages, tokenize=False)
     assert tokenizer.decode(tokenized.input_ids) == full
@@ -142,8 +150,10 @@ def test_padding_carries_no_loss(tokenizer: AutoTokenizer) -> None:
 
 @needs_model
 def test_too_long_examples_are_skipped_or_truncated_and_counted(tokenizer: AutoTokenizer) -> None:
-    examples = [example(("user", "short"), ("assistant", "ok")),
-                example(("user", "word " * 200), ("assistant", "long answer"))]  # fmt: skip
+    examples = [
+        example(("user", "short"), ("assistant", "ok")),
+        example(("user", "word " * 200), ("assistant", "long answer")),
+    ]
     limit = len(tokenize_example(tokenizer, examples[0]).input_ids) + 5
     kept, report = tokenize_examples(tokenizer, examples, limit, "skip")
     assert (len(kept), report.skipped, report.truncated) == (1, 1, 0)

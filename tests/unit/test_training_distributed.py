@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import load_file
 
 from loraplex.adapters.manifest import read_manifest
-from loraplex.serving.base_model import embedded_model_dir, verify_model_dir
+from loraplex.base_model import embedded_model_dir, verify_model_dir
 from loraplex.training.config import load_config
 from loraplex.training.run import train_task
 from loraplex.training.trainer import CHECKPOINTS_DIR
@@ -60,10 +60,26 @@ def test_two_ranks_train_the_same_adapter_as_one_process(tmp_path: Path) -> None
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(name, None)
     launched = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         "-m", "loraplex.cli", "train", str(config_path), "--output_dir", str(ddp_out / "run")],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            "-m",
+            "loraplex.cli",
+            "train",
+            str(config_path),
+            "--output_dir",
+            str(ddp_out / "run"),
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert launched.returncode == 0, launched.stderr[-3000:]
 
     config = load_config(config_path).model_copy(update={"output_dir": single_out / "run"})

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from loraplex.adapters.manifest import read_manifest, sha256_file
+from loraplex.base_model import embedded_model_dir, verify_model_dir
 from loraplex.cli import main
-from loraplex.serving.base_model import embedded_model_dir, verify_model_dir
 from loraplex.training.config import TrainConfig
 from loraplex.training.run import train_task
 from tests.unit.tiny_llama import TASK, build_tiny_llama
@@ -24,12 +24,15 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny adapter whose manifest holds the training run's scores (1 shot, 4 examples)."""
     folder = tmp_path_factory.mktemp("eval")
     config = TrainConfig(
-        name="tasks/tiny", base_model=str(build_tiny_llama(folder / "tiny-llama")),
-        train_data=(TASK / "train.jsonl").resolve(), eval_data=(TASK / "eval.jsonl").resolve(),
-        output_dir=folder / "run", cpu_threads=1,
+        name="tasks/tiny",
+        base_model=str(build_tiny_llama(folder / "tiny-llama")),
+        train_data=(TASK / "train.jsonl").resolve(),
+        eval_data=(TASK / "eval.jsonl").resolve(),
+        output_dir=folder / "run",
+        cpu_threads=1,
         optim={"max_steps": 2, "batch_size": 4, "lr": 1e-2},
         eval={"interval": 2, "max_examples": 4, "max_new_tokens": 4, "few_shot": 1},
-    )  # fmt: skip
+    )
     return train_task(config).run_dir
 
 
@@ -46,8 +49,19 @@ def test_write_manifest_records_what_was_printed(
     data = tmp_path / "other-eval.jsonl"
     data.write_text("\n".join((TASK / "eval.jsonl").read_text().splitlines()[10:16]) + "\n")
 
-    args = ["eval", str(trained), "--data", str(data), "--few-shot", "2",
-            "--max-new-tokens", "4", "--max-examples", "5", "--write-manifest"]  # fmt: skip
+    args = [
+        "eval",
+        str(trained),
+        "--data",
+        str(data),
+        "--few-shot",
+        "2",
+        "--max-new-tokens",
+        "4",
+        "--max-examples",
+        "5",
+        "--write-manifest",
+    ]
     assert main(args) == 0
     captured = capsys.readouterr()
     printed = printed_scores(captured.out)
@@ -70,8 +84,16 @@ def test_eval_without_write_manifest_leaves_it_alone(
     trained: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     before = (trained / "manifest.json").read_text()
-    args = ["eval", str(trained), "--data", str(TASK / "eval.jsonl"), "--max-examples", "2",
-            "--max-new-tokens", "2"]  # fmt: skip
+    args = [
+        "eval",
+        str(trained),
+        "--data",
+        str(TASK / "eval.jsonl"),
+        "--max-examples",
+        "2",
+        "--max-new-tokens",
+        "2",
+    ]
     assert main(args) == 0
     assert set(printed_scores(capsys.readouterr().out)) == {"base", "adapter"}
     assert (trained / "manifest.json").read_text() == before
@@ -89,9 +111,13 @@ def test_eval_without_write_manifest_leaves_it_alone(
     ],
 )
 def test_write_manifest_refusals_exit_2_and_change_nothing(
-    trained: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
-    case: str, extra: list[str], fragment: str,
-) -> None:  # fmt: skip
+    trained: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    case: str,
+    extra: list[str],
+    fragment: str,
+) -> None:
     adapter = trained
     if case == "no_manifest":
         adapter = tmp_path / "bare"

@@ -18,7 +18,7 @@ from transformers import AutoTokenizer, LlamaForCausalLM
 
 from loraplex.adapters.compat import IncompatibleAdapter
 from loraplex.adapters.manifest import read_manifest
-from loraplex.serving.base_model import embedded_model_dir, verify_model_dir
+from loraplex.base_model import embedded_model_dir, verify_model_dir
 from loraplex.training.config import LLAMA_PROJECTIONS, OptimSection, TrainConfig
 from loraplex.training.data import read_examples, tokenize_examples
 from loraplex.training.trainer import CHECKPOINTS_DIR, LoopSettings, TrainState, train_loop
@@ -44,8 +44,15 @@ def lora_model(base: Path) -> torch.nn.Module:
 
 def settings(resume: bool = True) -> LoopSettings:
     optim = OptimSection(lr=1e-2, max_steps=6, batch_size=4, grad_accumulation=2, warmup_steps=1)
-    return LoopSettings(optim=optim, seed=3, eval_interval=3, checkpoint_interval=2,
-                        keep_checkpoints=2, early_stopping_patience=None, resume=resume)  # fmt: skip
+    return LoopSettings(
+        optim=optim,
+        seed=3,
+        eval_interval=3,
+        checkpoint_interval=2,
+        keep_checkpoints=2,
+        early_stopping_patience=None,
+        resume=resume,
+    )
 
 
 def lora_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -103,15 +110,25 @@ def test_a_run_writes_a_servable_adapter_and_its_records(tiny_base: Path, tmp_pa
     from loraplex.training.run import train_task
 
     config = TrainConfig(
-        name="tasks/tiny", base_model=str(tiny_base), train_data=(TASK / "train.jsonl").resolve(),
-        eval_data=(TASK / "eval.jsonl").resolve(), output_dir=tmp_path / "run",
+        name="tasks/tiny",
+        base_model=str(tiny_base),
+        train_data=(TASK / "train.jsonl").resolve(),
+        eval_data=(TASK / "eval.jsonl").resolve(),
+        output_dir=tmp_path / "run",
         optim={"max_steps": 3, "batch_size": 4, "lr": 1e-2},
         eval={"interval": 2, "max_examples": 4, "max_new_tokens": 4, "few_shot": 1},
-    )  # fmt: skip
+    )
     result = train_task(config)
     run = tmp_path / "run"
-    for name in ("adapter_config.json", "adapter_model.safetensors", "manifest.json",
-                 "config.yaml", "metrics.json", "data_report.json", "loss.png"):  # fmt: skip
+    for name in (
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "manifest.json",
+        "config.yaml",
+        "metrics.json",
+        "data_report.json",
+        "loss.png",
+    ):
         assert (run / name).is_file(), name
     adapter_config = json.loads((run / "adapter_config.json").read_text())
     assert adapter_config["base_model_name_or_path"] == tiny_base.name
@@ -133,9 +150,12 @@ def test_unservable_lora_is_refused_before_training(tiny_base: Path, tmp_path: P
     from loraplex.training.run import train_task
 
     config = TrainConfig(
-        name="tasks/tiny", base_model=str(tiny_base), train_data=(TASK / "train.jsonl").resolve(),
-        output_dir=tmp_path / "run", lora={"r": 12, "target_modules": ["q_proj", "qkv_proj"]},
-    )  # fmt: skip
+        name="tasks/tiny",
+        base_model=str(tiny_base),
+        train_data=(TASK / "train.jsonl").resolve(),
+        output_dir=tmp_path / "run",
+        lora={"r": 12, "target_modules": ["q_proj", "qkv_proj"]},
+    )
     with pytest.raises(IncompatibleAdapter) as info:
         train_task(config)
     assert "use one of" in str(info.value) and "qkv_proj" in str(info.value)
@@ -149,8 +169,15 @@ def early_stopping(max_steps: int) -> LoopSettings:
     optim = OptimSection(
         lr=0.05, max_steps=max_steps, batch_size=4, warmup_steps=0, schedule="constant"
     )
-    return LoopSettings(optim=optim, seed=3, eval_interval=1, checkpoint_interval=2,
-                        keep_checkpoints=2, early_stopping_patience=2, resume=True)  # fmt: skip
+    return LoopSettings(
+        optim=optim,
+        seed=3,
+        eval_interval=1,
+        checkpoint_interval=2,
+        keep_checkpoints=2,
+        early_stopping_patience=2,
+        resume=True,
+    )
 
 
 def test_early_stopping_keeps_the_best_weights_across_a_resume(

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from loraplex.router.errors import APIError
-from loraplex.router.tenancy_store import KeyRejected, TenancyStore
+from loraplex.router.tenancy.store import KeyRejected, TenancyStore
 
 log = logging.getLogger(__name__)
 

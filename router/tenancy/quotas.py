@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import sqlalchemy as sa
 from sqlalchemy import Engine
 
-from loraplex.router.tenancy_store import quota_leases, quotas
+from loraplex.router.tenancy.store import quota_leases, quotas
 
 PERIOD_S = 60.0
 
@@ -94,28 +94,30 @@ class QuotaLedger:
                 scope = f" for {row.adapter}" if row.adapter else ""
                 if row.tokens_per_minute and row.token_tat >= now + PERIOD_S:
                     raise QuotaExceeded(
-                        "tokens_per_minute", row.token_tat - PERIOD_S - now,
-                        f"Rate limit reached: {row.tokens_per_minute} tokens per minute"
-                        f"{scope}.",
-                    )  # fmt: skip
+                        "tokens_per_minute",
+                        row.token_tat - PERIOD_S - now,
+                        f"Rate limit reached: {row.tokens_per_minute} tokens per minute{scope}.",
+                    )
                 if row.max_concurrent:
                     running = conn.execute(
                         sa.select(sa.func.count()).where(quota_leases.c.quota_id == row.id)
                     ).scalar_one()
                     if running >= row.max_concurrent:
                         raise QuotaExceeded(
-                            "max_concurrent", 1,
+                            "max_concurrent",
+                            1,
                             f"Concurrency limit reached: {row.max_concurrent} requests at "
                             f"once{scope}.",
-                        )  # fmt: skip
+                        )
                 if row.requests_per_minute:
                     new_tat = max(row.request_tat, now) + PERIOD_S / row.requests_per_minute
                     if new_tat - PERIOD_S > now:
                         raise QuotaExceeded(
-                            "requests_per_minute", new_tat - PERIOD_S - now,
+                            "requests_per_minute",
+                            new_tat - PERIOD_S - now,
                             f"Rate limit reached: {row.requests_per_minute} requests per "
                             f"minute{scope}.",
-                        )  # fmt: skip
+                        )
                     new_request_tats[row.id] = new_tat
             for quota_id, tat in new_request_tats.items():
                 conn.execute(quotas.update().where(quotas.c.id == quota_id).values(request_tat=tat))

@@ -11,13 +11,13 @@ from sqlalchemy.exc import SQLAlchemyError
 from starlette.concurrency import run_in_threadpool
 
 from loraplex.database import create_db_engine, migrate
-from loraplex.router.admin_api import admin_router
-from loraplex.router.api_guard import APIGuard
-from loraplex.router.auth import ANONYMOUS, Authenticator, check_startup_access, is_loopback
-from loraplex.router.auth import may_use as _may_use
-from loraplex.router.quotas import QuotaLedger
-from loraplex.router.request_metrics import RequestMetrics
-from loraplex.router.tenancy_store import TenancyStore
+from loraplex.router.tenancy.admin_api import admin_router
+from loraplex.router.tenancy.auth import ANONYMOUS, Authenticator, check_startup_access, is_loopback
+from loraplex.router.tenancy.auth import may_use as _may_use
+from loraplex.router.tenancy.guard import APIGuard
+from loraplex.router.tenancy.quotas import QuotaLedger
+from loraplex.router.tenancy.request_metrics import RequestMetrics
+from loraplex.router.tenancy.store import TenancyStore
 from loraplex.settings import ServeSettings
 
 log = logging.getLogger(__name__)
@@ -53,9 +53,12 @@ class Tenancy:
         """Add the guard middleware (call before the request-log middleware, which must stay
         outermost so rejections are logged with their request id) and the admin routes."""
         app.add_middleware(
-            APIGuard, authenticator=self.authenticator, ledger=self.ledger,
-            metrics=self.metrics, base_model_name=self.base_model_name,
-        )  # fmt: skip
+            APIGuard,
+            authenticator=self.authenticator,
+            ledger=self.ledger,
+            metrics=self.metrics,
+            base_model_name=self.base_model_name,
+        )
         app.include_router(admin_router(self.store))
 
     def visible(self, request: Request, cards: list[dict]) -> list[dict]:

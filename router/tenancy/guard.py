@@ -16,11 +16,11 @@ import anyio
 from anyio.to_thread import run_sync
 from sqlalchemy.exc import SQLAlchemyError
 
-from loraplex.router.auth import Authenticator, Principal, may_use
 from loraplex.router.errors import APIError, error_response, model_not_found
 from loraplex.router.metrics import IN_FLIGHT, QUOTA_REJECTIONS
-from loraplex.router.quotas import Admission, QuotaExceeded, QuotaLedger, quota_adapter_name
-from loraplex.router.request_metrics import RequestMetrics, ResponseObserver, ask_for_usage
+from loraplex.router.tenancy.auth import Authenticator, Principal, may_use
+from loraplex.router.tenancy.quotas import Admission, QuotaExceeded, QuotaLedger, quota_adapter_name
+from loraplex.router.tenancy.request_metrics import RequestMetrics, ResponseObserver, ask_for_usage
 
 log = logging.getLogger(__name__)
 
@@ -124,9 +124,11 @@ class APIGuard:
         if isinstance(exc, QuotaExceeded):
             QUOTA_REJECTIONS.labels(self.metrics.tenant_label(tenant), exc.limit).inc()
             return APIError(
-                429, str(exc), code="rate_limit_exceeded",
+                429,
+                str(exc),
+                code="rate_limit_exceeded",
                 headers={"Retry-After": str(exc.retry_after_s)},
-            )  # fmt: skip
+            )
         log.error("tenancy database error during quota admission: %r", exc)
         return _database_error()
 

@@ -31,13 +31,15 @@ RESERVED_TENANT_NAMES = frozenset({"public", "admin", "anonymous", "none", "othe
 
 metadata = sa.MetaData()
 tenants = sa.Table(
-    "tenants", metadata,
+    "tenants",
+    metadata,
     sa.Column("id", sa.Integer, primary_key=True),
     sa.Column("name", sa.String(64), nullable=False, unique=True),
     sa.Column("created_at", sa.Float, nullable=False),
-)  # fmt: skip
+)
 api_keys = sa.Table(
-    "api_keys", metadata,
+    "api_keys",
+    metadata,
     sa.Column("id", sa.Integer, primary_key=True),
     sa.Column("key_hash", sa.String(64), nullable=False, unique=True),
     sa.Column("prefix", sa.String(32), nullable=False, unique=True),
@@ -46,9 +48,10 @@ api_keys = sa.Table(
     sa.Column("created_at", sa.Float, nullable=False),
     sa.Column("expires_at", sa.Float),
     sa.Column("revoked_at", sa.Float),
-)  # fmt: skip
+)
 quotas = sa.Table(
-    "quotas", metadata,
+    "quotas",
+    metadata,
     sa.Column("id", sa.Integer, primary_key=True),
     sa.Column("tenant_id", sa.Integer, sa.ForeignKey("tenants.id", ondelete="CASCADE")),
     sa.Column("adapter", sa.String(200), nullable=False),
@@ -57,14 +60,15 @@ quotas = sa.Table(
     sa.Column("max_concurrent", sa.Integer),
     sa.Column("request_tat", sa.Float, nullable=False),
     sa.Column("token_tat", sa.Float, nullable=False),
-)  # fmt: skip
+)
 quota_leases = sa.Table(
-    "quota_leases", metadata,
+    "quota_leases",
+    metadata,
     sa.Column("id", sa.Integer, primary_key=True),
     sa.Column("quota_id", sa.Integer, sa.ForeignKey("quotas.id", ondelete="CASCADE")),
     sa.Column("request_id", sa.String(128), nullable=False),
     sa.Column("expires_at", sa.Float, nullable=False),
-)  # fmt: skip
+)
 
 
 class TenancyError(ValueError):

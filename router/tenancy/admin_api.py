@@ -13,9 +13,9 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.concurrency import run_in_threadpool
 
-from loraplex.router.auth import Principal
 from loraplex.router.errors import APIError
-from loraplex.router.tenancy_store import (
+from loraplex.router.tenancy.auth import Principal
+from loraplex.router.tenancy.store import (
     AlreadyExists,
     KeyInfo,
     NotFound,
@@ -148,9 +148,10 @@ def admin_router(store: TenancyStore) -> APIRouter:
         raw, info = await _call(store.create_key, body.tenant, expires_at, body.description)
         # The only time the key is ever shown; never cache this response.
         return JSONResponse(
-            {"key": raw, **key_json(info, store.clock())}, 201,
+            {"key": raw, **key_json(info, store.clock())},
+            201,
             headers={"Cache-Control": "no-store"},
-        )  # fmt: skip
+        )
 
     @router.delete("/keys/{prefix}")
     async def revoke_key(prefix: str) -> dict:
@@ -165,10 +166,13 @@ def admin_router(store: TenancyStore) -> APIRouter:
     async def set_quota(request: Request) -> dict:
         body: QuotaSet = await parse_admin_body(request, QuotaSet)
         quota = await _call(
-            store.set_quota, body.tenant, body.adapter,
+            store.set_quota,
+            body.tenant,
+            body.adapter,
             requests_per_minute=body.requests_per_minute,
-            tokens_per_minute=body.tokens_per_minute, max_concurrent=body.max_concurrent,
-        )  # fmt: skip
+            tokens_per_minute=body.tokens_per_minute,
+            max_concurrent=body.max_concurrent,
+        )
         return quota_json(quota)
 
     @router.delete("/quotas")
