@@ -35,7 +35,7 @@ class ServeSettings(BaseSettings):
     adapters_dir: Path = Field(default_factory=lambda: default_cache_dir() / "adapters")
     """Folder of servable adapters: `<dir>/<tenant>/<name>/adapter_config.json`."""
     backend_url: str = ""
-    """URL of an already-running vLLM server; empty = start one as a child process."""
+    """Comma-separated URLs of already-running vLLM servers; empty = start local children."""
     backend_port: int = Field(8100, ge=1, le=65535)
     """Loopback port of the vLLM child process."""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "bfloat16"
@@ -59,6 +59,35 @@ class ServeSettings(BaseSettings):
     """How long to wait for the vLLM child to report healthy."""
     backend_timeout_s: float = Field(600.0, gt=0)
     """Read timeout for one request to the backend."""
+    # ---- scale-out: backends as a set, picker, health, failover, engine supervision ----
+    backend_discovery: str = ""
+    """`dns:HOST:PORT` (e.g. a Kubernetes headless Service): the backends are the host's
+    addresses, re-resolved every `discovery_interval_s`. Empty = `backend_url` / local children."""
+    discovery_interval_s: float = Field(5.0, gt=0)
+    """How often `backend_discovery` is re-resolved, in seconds."""
+    replicas: int = Field(1, ge=1)
+    """Local vLLM children `loraplex serve` starts, on ports backend_port, backend_port+1, ..."""
+    picker: Literal["affinity", "round-robin"] = "affinity"
+    """How a request's replica is chosen: adapter-aware (rendezvous hashing with bounded
+    load) or round-robin (for comparison)."""
+    picker_load_factor: float = Field(1.25, ge=1.0)
+    """Bounded load: never pick a replica above this × the mean in-flight while another is below."""
+    picker_spill_in_flight: float = Field(4.0, gt=0)
+    """In-flight requests of one adapter per home replica above which it spreads to one more."""
+    health_check_interval_s: float = Field(2.0, gt=0)
+    """Seconds between active health checks (GET /health) of every backend."""
+    eject_after_failures: int = Field(3, ge=1)
+    """Consecutive transport errors, 502/503/504s or failed probes before a backend is ejected."""
+    readmit_after_successes: int = Field(2, ge=1)
+    """Consecutive passing health checks before an ejected backend takes traffic again."""
+    retry_budget_ratio: float = Field(0.1, ge=0.0, le=1.0)
+    """Share of requests (per rolling minute) that may be retried on another backend."""
+    engine_restart_backoff_max_s: float = Field(30.0, gt=0)
+    """Longest wait before restarting a crashed vLLM child (1 s, doubling up to this)."""
+    engine_crash_loop_restarts: int = Field(5, ge=1)
+    """Restarts within `engine_crash_loop_window_s` after which `loraplex serve` exits non-zero."""
+    engine_crash_loop_window_s: float = Field(600.0, gt=0)
+    """Window of the crash-loop count, in seconds."""
     database_url: str = ""
     """SQLAlchemy URL of the catalog/tenancy database; empty = SQLite file in the cache."""
     registry_store: str = ""

@@ -128,9 +128,9 @@ def create_app(settings: ServeSettings, backend_url: str) -> FastAPI:
                 error_body(503, "Database is not reachable", code="database_unavailable"), 503
             )
         if await backend.is_healthy():
-            BACKEND_UP.set(1)
+            BACKEND_UP.labels(backend_url).set(1)
             return JSONResponse({"status": "ready", "backend": "up", "database": "up"})
-        BACKEND_UP.set(0)
+        BACKEND_UP.labels(backend_url).set(0)
         return JSONResponse(
             error_body(503, "Backend is not ready", code="backend_unavailable"), 503
         )

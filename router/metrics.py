@@ -57,7 +57,9 @@ QUOTA_REJECTIONS = Counter(
 )
 ADAPTER_LOADS = Counter(
     "loraplex_adapter_loads",
-    "Adapter registrations with the backend, by result.",
+    "Adapter requests sent to a backend replica whose router-side record does not hold the "
+    "adapter (the replica's resolver loads it on that request), by result: success when the "
+    "replica answered 2xx, error otherwise.",
     ["adapter", "result"],
 )
 ADAPTER_LOAD_DURATION = Histogram(
@@ -68,7 +70,47 @@ ADAPTER_LOAD_DURATION = Histogram(
 ADAPTER_EVICTIONS = Counter(
     "loraplex_adapter_evictions", "Adapters unregistered from the backend to make room."
 )
-BACKEND_UP = Gauge("loraplex_backend_up", "1 when the vLLM backend answers its health check.")
+
+# ---- scale-out: backends as a set (router/backend_pool.py, router/forwarding.py) ----
+# `backend` label values are backend URLs, bounded by a LabelLimiter (DNS discovery may
+# bring an unbounded stream of pod IPs over time).
+BACKEND_UP = Gauge(
+    "loraplex_backend_up",
+    "1 when the backend replica is admitted and healthy, 0 when it is ejected.",
+    ["backend"],
+)
+BACKEND_REPLICAS = Gauge(
+    "loraplex_backend_replicas", "Backend replicas known to the router, by state.", ["state"]
+)
+BACKEND_IN_FLIGHT = Gauge(
+    "loraplex_backend_in_flight", "Requests the router has in flight on a replica.", ["backend"]
+)
+PICKER_DECISIONS = Counter(
+    "loraplex_picker_decisions",
+    "Replica choices by kind: least_loaded (base model), affinity_hit (a candidate that holds "
+    "the adapter), miss (a candidate that does not), spill (no candidate under the load bound).",
+    ["decision"],
+)
+BACKEND_RETRIES = Counter(
+    "loraplex_backend_retries",
+    "Requests retried on another replica, by what failed on the first: connect, reset, "
+    "status_502, status_503, status_504.",
+    ["reason"],
+)
+RETRY_BUDGET_EXHAUSTED = Counter(
+    "loraplex_retry_budget_exhausted",
+    "Retries wanted but refused because the retry budget (share of requests per minute) was spent.",
+)
+BACKEND_EJECTIONS = Counter(
+    "loraplex_backend_ejections",
+    "Replicas taken out of rotation, by why: health_check (failed probes) or errors "
+    "(consecutive failed requests).",
+    ["backend", "reason"],
+)
+STREAM_INTERRUPTIONS = Counter(
+    "loraplex_stream_interruptions",
+    "Streams that broke after their first byte; the client got an error event and [DONE].",
+)
 
 
 class LabelLimiter:

@@ -31,7 +31,7 @@ def metrics_router(backend_url: str) -> APIRouter:
                 healthy = (await client.get(f"{backend_url}/health")).status_code == 200
         except httpx.HTTPError:
             healthy = False
-        BACKEND_UP.set(1 if healthy else 0)
+        BACKEND_UP.labels(backend_url).set(1 if healthy else 0)
         return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
     @router.get("/metrics/backend", include_in_schema=False)
