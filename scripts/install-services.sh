@@ -1,15 +1,25 @@
 #!/usr/bin/env bash
 # Installs the real servers the test suite starts on loopback (Debian packages):
 # Prometheus (and its promtool) for the metrics and alert-rule tests; Alertmanager's
-# amtool checks deploy/alertmanager/alertmanager.yml.
+# amtool checks deploy/alertmanager/alertmanager.yml; PostgreSQL's server binaries
+# (initdb, pg_ctl under /usr/lib/postgresql/<version>/bin) for the shared-state tests,
+# which start their own throwaway server (tests/postgres_server.py).
 # Idempotent and quick when already installed; needs root (CI runs as root).
 set -euo pipefail
+
+postgres_bin() {
+  local initdb
+  initdb=$(ls -1 /usr/lib/postgresql/*/bin/initdb 2>/dev/null | sort -V | tail -1)
+  [ -n "$initdb" ] && dirname "$initdb"
+}
 
 missing=()
 command -v prometheus >/dev/null 2>&1 || missing+=(prometheus)
 command -v amtool >/dev/null 2>&1 || missing+=(prometheus-alertmanager)
+postgres_bin >/dev/null || missing+=(postgresql)
 if [ ${#missing[@]} -eq 0 ]; then
-  echo "[services] prometheus $(prometheus --version 2>&1 | head -1 | awk '{print $3}') and amtool present"
+  echo "[services] prometheus $(prometheus --version 2>&1 | head -1 | awk '{print $3}'), amtool" \
+    "and postgresql $("$(postgres_bin)/postgres" --version | awk '{print $3}') present"
   exit 0
 fi
 if [ "$(id -u)" -ne 0 ]; then
@@ -19,8 +29,15 @@ fi
 echo "[services] installing ${missing[*]} (Debian packages)"
 export DEBIAN_FRONTEND=noninteractive
 apt-get update -qq
-# The package's own service is not wanted: tests start their own server on loopback.
+# The packages' own services are not wanted: tests start their own servers on loopback.
+if [[ " ${missing[*]} " == *" postgresql "* ]]; then
+  # No default cluster ("main") to create, start and leave running on port 5432.
+  apt-get install -y -qq --no-install-recommends postgresql-common >/dev/null
+  sed -i 's/^#\?\s*create_main_cluster\s*=.*/create_main_cluster = false/' \
+    /etc/postgresql-common/createcluster.conf
+fi
 apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
-systemctl disable --now prometheus prometheus-alertmanager >/dev/null 2>&1 || true
+systemctl disable --now prometheus prometheus-alertmanager postgresql >/dev/null 2>&1 || true
 pkill -x prometheus >/dev/null 2>&1 || true
-echo "[services] installed: $(prometheus --version 2>&1 | head -1)"
+echo "[services] installed: $(prometheus --version 2>&1 | head -1)," \
+  "$("$(postgres_bin)/postgres" --version)"
