@@ -81,7 +81,8 @@ class ServeSettings(BaseSettings):
     readmit_after_successes: int = Field(2, ge=1)
     """Consecutive passing health checks before an ejected backend takes traffic again."""
     retry_budget_ratio: float = Field(0.1, ge=0.0, le=1.0)
-    """Share of requests (per rolling minute) that may be retried on another backend."""
+    """Share of requests (per rolling minute) that may be retried on another backend; a
+    quiet router may still retry 10 a minute. 0 = never retry."""
     engine_restart_backoff_max_s: float = Field(30.0, gt=0)
     """Longest wait before restarting a crashed vLLM child (1 s, doubling up to this)."""
     engine_crash_loop_restarts: int = Field(5, ge=1)
@@ -100,10 +101,6 @@ class ServeSettings(BaseSettings):
     """Size of the registry cache; least recently used versions are removed beyond it."""
     registry_max_adapter_mib: int = Field(1024, ge=1)
     """Largest adapter (all its files) that `adapters publish` accepts, in MiB."""
-    max_backend_adapters: int = Field(64, ge=1)
-    """Adapters registered with vLLM at once; the least recently used is unloaded beyond it."""
-    pinned_adapters: str = ""
-    """Comma-separated adapter names (tenant/name[@alias]) that are never unloaded."""
     admin_key: SecretStr = SecretStr("")
     """Admin API key (manages tenants, keys, quotas; calls every model). Prefer the env var."""
     allow_open_access: bool = False

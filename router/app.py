@@ -1,26 +1,28 @@
-"""HTTP wiring of the router: OpenAI endpoints, health, and error mapping in one place."""
+"""HTTP wiring of the router: OpenAI endpoints, health, and error mapping in one place.
+
+Requests go to a pool of vLLM replicas (router/backend_pool.py) through the forwarder
+(router/forwarding.py: the picker, failover, stream relay)."""
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
-from starlette.background import BackgroundTask
+from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from loraplex.adapters.local_store import LocalAdapter, LocalAdapterStore
-from loraplex.router.adapter_loading import AdapterLoader
+from loraplex.router.adapter_loading import AdapterResolver
 from loraplex.router.admin_adapters_api import admin_adapters_router
-from loraplex.router.backend_client import BackendClient, error_detail
+from loraplex.router.backend_pool import BackendPool, EngineWatch, split_urls
 from loraplex.router.errors import APIError, error_body, error_response
-from loraplex.router.metrics import BACKEND_UP
+from loraplex.router.forwarding import Call, Forwarder
 from loraplex.router.metrics_api import metrics_router
-from loraplex.router.model_rewrite import rename_model, rename_model_stream, request_with_model
+from loraplex.router.model_rewrite import request_with_model
 from loraplex.router.protocol import ChatCompletionRequest, CompletionRequest, parse_request
 from loraplex.router.request_log import RequestLogMiddleware
 from loraplex.router.tenancy.service import Tenancy
@@ -29,10 +31,20 @@ from loraplex.settings import ServeSettings
 log = logging.getLogger(__name__)
 
 
-def create_app(settings: ServeSettings, backend_url: str) -> FastAPI:
-    backend = BackendClient(backend_url, timeout_s=settings.backend_timeout_s)
+def create_app(
+    settings: ServeSettings,
+    backend_urls: str | Sequence[str] | None = None,
+    engine_watch: EngineWatch | None = None,
+) -> FastAPI:
+    """The router app. `backend_urls` (a list, or one comma-separated string) default to
+    the settings' `backend_url` list or `backend_discovery`; `engine_watch` is whatever
+    restarts local engines (it makes `/health` fail only when none can come back)."""
+    if isinstance(backend_urls, str):
+        backend_urls = split_urls(backend_urls)
+    pool = BackendPool.from_settings(settings, backend_urls)
     store = LocalAdapterStore(settings.adapters_dir)
-    loader = AdapterLoader.from_settings(settings, store, backend)
+    resolver = AdapterResolver.from_settings(settings, store)
+    forwarder = Forwarder.from_settings(settings, pool, resolver)
     started_at = int(time.time())
     tenancy = Tenancy.from_settings(settings)
     # Adapter names hit the catalog on every request. A local SQLite query (~0.1 ms)
@@ -42,16 +54,17 @@ def create_app(settings: ServeSettings, backend_url: str) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        await pool.start()
         yield
-        await backend.close()
+        await pool.close()
         tenancy.close()
 
     app = FastAPI(title="loraplex", version="0.1.0", lifespan=lifespan)
     tenancy.install(app)  # auth, access, quotas, per-request metrics, /admin
-    if loader.registry is not None:
-        app.include_router(admin_adapters_router(loader.registry))
+    if resolver.registry is not None:
+        app.include_router(admin_adapters_router(resolver.registry))
     app.add_middleware(RequestLogMiddleware)
-    app.include_router(metrics_router(backend_url))
+    app.include_router(metrics_router(pool))
 
     @app.exception_handler(APIError)
     async def _api_error(_: Request, exc: APIError) -> JSONResponse:
@@ -73,28 +86,16 @@ def create_app(settings: ServeSettings, backend_url: str) -> FastAPI:
         if parsed.model == settings.base_model_name:
             adapter = None
         elif catalog_is_local:
-            adapter = loader.resolve(parsed.model)
+            adapter = resolver.resolve(parsed.model)
         else:
-            adapter = await run_in_threadpool(loader.resolve, parsed.model)
+            adapter = await run_in_threadpool(resolver.resolve, parsed.model)
         backend_name = adapter.id if adapter is not None else parsed.model
         if adapter is not None:
             body = request_with_model(body, backend_name, parsed.model)
-        stream = bool(parsed.stream)
-        # Registers the adapter first (once, under its lock) and keeps it registered until
-        # the backend has accepted the request.
-        response = await loader.send(adapter, path, body, stream)
-        if stream and response.status_code == 200:
-            return StreamingResponse(
-                rename_model_stream(response.aiter_raw(), backend_name, parsed.model),
-                media_type="text/event-stream",
-                background=BackgroundTask(response.aclose),
-            )
-        content = await response.aread() if stream else response.content
-        await response.aclose()
-        if response.status_code >= 400:
-            return _backend_error(response.status_code, content)
-        content = rename_model(content, backend_name, parsed.model)
-        return Response(content, response.status_code, media_type="application/json")
+        # The replica's resolvers load the adapter on first request; the forwarder picks
+        # the replica and fails over (never re-entering the quota guard around us).
+        call = Call(path, body, bool(parsed.stream), adapter, backend_name, parsed.model)
+        return await forwarder.forward(call)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
@@ -110,29 +111,43 @@ def create_app(settings: ServeSettings, backend_url: str) -> FastAPI:
         cards = [base] + [_adapter_card(a, settings.base_model_name) for a in store.list()]
         cards += [
             _model_card(name, created, parent=settings.base_model_name)
-            for name, created in loader.registry_models()
+            for name, created in resolver.registry_models()
         ]
         return {"object": "list", "data": tenancy.visible(request, cards)}
 
     @app.get("/health")
-    async def health() -> dict:
-        """The router process is alive (Kubernetes liveness)."""
-        return {"status": "ok"}
+    async def health() -> JSONResponse:
+        """The router process is alive (Kubernetes liveness). With local engines it fails
+        when none can serve and none is being restarted, so the pod gets restarted."""
+        if engine_watch is not None and not pool.up() and not engine_watch.restarting():
+            return JSONResponse(
+                error_body(
+                    503,
+                    "No engine is up and none is being restarted",
+                    code="backend_unavailable",
+                ),
+                503,
+            )
+        return JSONResponse({"status": "ok"})
 
     @app.get("/ready")
     async def ready() -> JSONResponse:
-        """The backend answers, the base model is loaded and the database answers
-        (Kubernetes readiness)."""
+        """At least one replica takes traffic and the database answers (Kubernetes
+        readiness). Replica health comes from the pool's checks (every few seconds)."""
         if not await tenancy.database_reachable():
             return JSONResponse(
                 error_body(503, "Database is not reachable", code="database_unavailable"), 503
             )
-        if await backend.is_healthy():
-            BACKEND_UP.labels(backend_url).set(1)
-            return JSONResponse({"status": "ready", "backend": "up", "database": "up"})
-        BACKEND_UP.labels(backend_url).set(0)
+        up, total = len(pool.up()), len(pool.replicas)
+        if up:
+            return JSONResponse(
+                {"status": "ready", "replicas": {"up": up, "total": total}, "database": "up"}
+            )
+        error = forwarder.no_replica_error()
         return JSONResponse(
-            error_body(503, "Backend is not ready", code="backend_unavailable"), 503
+            error_body(503, f"No backend replica is up (0 of {total})", code=error.code),
+            503,
+            headers=error.headers,
         )
 
     return app
@@ -151,12 +166,3 @@ def _model_card(model_id: str, created: int, parent: str | None) -> dict:
 
 def _adapter_card(adapter: LocalAdapter, base_name: str) -> dict:
     return _model_card(adapter.id, adapter.created, parent=base_name)
-
-
-def _backend_error(status: int, content: bytes) -> Response:
-    """Re-issue a backend error in the router's error shape and types.
-
-    vLLM uses its own `type` names ("BadRequestError"); clients get OpenAI's.
-    """
-    message, param = error_detail(content)
-    return JSONResponse(error_body(status, message, param), status)

@@ -1,16 +1,54 @@
-"""The router's one connection pool to a vLLM OpenAI server, and the calls it makes."""
+"""The router's connection pool to one vLLM OpenAI server, and the calls it makes.
+
+The router only forwards requests and probes `/health`: adapters are loaded by the
+replica's own LoRA resolvers (serving/plugin.py) on first request, so nothing here
+registers or unregisters them (docs/scaleout.md says why).
+"""
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
-from contextlib import contextmanager
+from typing import Literal
 
 import httpx
 
 from loraplex.router.errors import APIError
 
 _FORWARDED_HEADERS = {"content-type": "application/json"}
+
+FailureReason = Literal["connect", "reset", "timeout"]
+
+
+class BackendFailure(Exception):
+    """A request to a backend got no HTTP answer (or its answer broke off)."""
+
+    def __init__(self, reason: FailureReason, detail: str, retry_after_s: int = 2) -> None:
+        super().__init__(detail)
+        self.reason = reason
+        """connect: the request never reached the server (safe to send elsewhere);
+        reset: the connection broke before a complete answer; timeout: no answer in time
+        (the request may have run, so it is never sent again)."""
+        self.detail = detail
+        self.retry_after_s = retry_after_s
+
+    def as_api_error(self) -> APIError:
+        if self.reason == "timeout":
+            return APIError(504, f"Backend timed out: {self.detail}", code="backend_timeout")
+        return APIError(
+            503,
+            f"Backend unavailable: {self.detail}",
+            code="backend_unavailable",
+            headers={"Retry-After": str(self.retry_after_s)},
+        )
+
+
+def classify(exc: httpx.HTTPError) -> FailureReason:
+    """Which kind of transport failure an httpx error is."""
+    if isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout | httpx.PoolTimeout):
+        return "connect"
+    if isinstance(exc, httpx.TimeoutException):
+        return "timeout"
+    return "reset"
 
 
 class BackendClient:
@@ -29,55 +67,26 @@ class BackendClient:
     async def close(self) -> None:
         await self._client.aclose()
 
-    async def is_healthy(self) -> bool:
+    async def is_healthy(self, timeout_s: float = 2.0) -> bool:
         try:
-            return (await self._client.get("/health", timeout=2.0)).status_code == 200
+            return (await self._client.get("/health", timeout=timeout_s)).status_code == 200
         except httpx.HTTPError:
             return False
 
-    async def load_adapter(self, name: str, path: str) -> None:
-        """Register an adapter with the backend; already registered counts as success."""
-        with _mapped_backend_errors():
-            response = await self._client.post(
-                "/v1/load_lora_adapter", json={"lora_name": name, "lora_path": path}
-            )
-        if response.status_code == 200:
-            return
-        message, _ = error_detail(response.content)
-        if response.status_code == 400 and "already been loaded" in message:
-            return
-        raise APIError(
-            500,
-            f"Adapter '{name}' could not be loaded: {message}",
-            param="model",
-            code="adapter_load_failed",
-        )
-
-    async def unload_adapter(self, name: str) -> None:
-        """Unregister an adapter; one the backend does not know counts as success."""
-        with _mapped_backend_errors():
-            response = await self._client.post("/v1/unload_lora_adapter", json={"lora_name": name})
-        if response.status_code in (200, 404):
-            return
-        message, _ = error_detail(response.content)
-        raise APIError(500, f"Adapter '{name}' could not be unloaded: {message}")
+    async def get(self, path: str, timeout: httpx.Timeout) -> httpx.Response:
+        """A plain GET (the backend's /metrics); httpx errors propagate."""
+        return await self._client.get(path, timeout=timeout)
 
     async def send(self, path: str, body: bytes, stream: bool) -> httpx.Response:
-        """Forward a request body as is; the caller closes the response when streaming."""
+        """Forward a request body as is; the caller closes the response when streaming.
+
+        Raises BackendFailure when no HTTP answer came back.
+        """
         request = self._client.build_request("POST", path, content=body, headers=_FORWARDED_HEADERS)
-        with _mapped_backend_errors():
+        try:
             return await self._client.send(request, stream=stream)
-
-
-@contextmanager
-def _mapped_backend_errors() -> Iterator[None]:
-    """Transport failures talking to the backend become 504 (timeout) or 503 APIErrors."""
-    try:
-        yield
-    except httpx.TimeoutException as exc:
-        raise APIError(504, f"Backend timed out: {exc!r}", code="backend_timeout") from None
-    except httpx.HTTPError as exc:
-        raise APIError(503, f"Backend unavailable: {exc!r}", code="backend_unavailable") from None
+        except httpx.HTTPError as exc:
+            raise BackendFailure(classify(exc), repr(exc)) from None
 
 
 def error_detail(content: bytes) -> tuple[str, str | None]:

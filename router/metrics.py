@@ -64,11 +64,9 @@ ADAPTER_LOADS = Counter(
 )
 ADAPTER_LOAD_DURATION = Histogram(
     "loraplex_adapter_load_duration_seconds",
-    "Time to fetch and register an adapter.",
+    "Time to the first answer of a request that made a replica load its adapter (the whole "
+    "answer when not streamed).",
     buckets=_LATENCY_BUCKETS,
-)
-ADAPTER_EVICTIONS = Counter(
-    "loraplex_adapter_evictions", "Adapters unregistered from the backend to make room."
 )
 
 # ---- scale-out: backends as a set (router/backend_pool.py, router/forwarding.py) ----
@@ -94,7 +92,7 @@ PICKER_DECISIONS = Counter(
 BACKEND_RETRIES = Counter(
     "loraplex_backend_retries",
     "Requests retried on another replica, by what failed on the first: connect, reset, "
-    "status_502, status_503, status_504.",
+    "status_502, status_503 (504 and read timeouts are never retried: the request may have run).",
     ["reason"],
 )
 RETRY_BUDGET_EXHAUSTED = Counter(

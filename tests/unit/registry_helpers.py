@@ -3,11 +3,12 @@ a moto S3 server, and a stand-in vLLM server for router tests without an engine.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -79,13 +80,17 @@ def moto_s3() -> Iterator[str]:
 
 
 class FakeVLLM:
-    """Speaks the part of vLLM's HTTP API the router uses. A completion answers with the
-    folder the requested adapter was registered from, so tests see which files served it."""
+    """Speaks the part of vLLM's HTTP API the router uses, with the loraplex plugin's
+    resolvers: an adapter it does not hold is looked up on its first request by
+    `resolve(name) -> folder | None` (None: 404, as vLLM answers when no resolver finds
+    it). A completion answers with the folder the adapter was loaded from, so tests see
+    which files served it."""
 
-    def __init__(self) -> None:
+    def __init__(self, resolve: Callable[[str], str | None] = lambda name: None) -> None:
+        self.resolve = resolve
         self.registered: dict[str, str] = {}
         self.load_calls: list[str] = []
-        self.unload_calls: list[str] = []
+        self.requests: list[str] = []
         self.load_delay_s = 0.0
         app = FastAPI()
 
@@ -93,33 +98,19 @@ class FakeVLLM:
         async def health() -> dict:
             return {}
 
-        @app.post("/v1/load_lora_adapter")
-        async def load(request: Request) -> JSONResponse:
-            body = await request.json()
-            self.load_calls.append(body["lora_name"])
-            if self.load_delay_s:
-                import asyncio
-
-                await asyncio.sleep(self.load_delay_s)
-            if not (Path(body["lora_path"]) / "adapter_config.json").is_file():
-                return JSONResponse({"error": {"message": "no adapter there"}}, 404)
-            self.registered[body["lora_name"]] = body["lora_path"]
-            return JSONResponse("ok")
-
-        @app.post("/v1/unload_lora_adapter")
-        async def unload(request: Request) -> JSONResponse:
-            name = (await request.json())["lora_name"]
-            self.unload_calls.append(name)
-            if self.registered.pop(name, None) is None:
-                return JSONResponse({"error": {"message": "unknown"}}, 404)
-            return JSONResponse("ok")
-
         @app.post("/v1/completions")
         @app.post("/v1/chat/completions")
         async def complete(request: Request) -> JSONResponse:
             model = (await request.json())["model"]
+            self.requests.append(model)
             if model != "base" and model not in self.registered:
-                return JSONResponse({"error": {"message": f"{model} not found"}}, 404)
+                self.load_calls.append(model)
+                if self.load_delay_s:
+                    await asyncio.sleep(self.load_delay_s)
+                folder = await asyncio.to_thread(self.resolve, model)
+                if folder is None:
+                    return JSONResponse({"error": {"message": f"{model} not found"}}, 404)
+                self.registered[model] = folder
             text = self.registered.get(model, "base")
             return JSONResponse(
                 {"object": "text_completion", "model": model, "choices": [{"text": text}]}
