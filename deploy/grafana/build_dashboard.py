@@ -183,7 +183,8 @@ def overview() -> list[Any]:
             [query("min(loraplex_backend_up)", "backend up")],
             width=4,
             thresholds=UP_IS_GREEN,
-            description="1 when every router replica reaches its vLLM backend.",
+            description="1 when every router has every backend replica up; 0 when any "
+            "replica is ejected (see the Replicas row).",
         ),
         stat_panel(
             "Requests/s",
@@ -258,6 +259,126 @@ def traffic() -> list[Any]:
     ]
 
 
+def replicas() -> list[Any]:
+    adapter_decisions = 'decision!="least_loaded"'
+    return [
+        stat_panel(
+            "Replicas up",
+            [query('min(loraplex_backend_replicas{state="up"})', "up")],
+            width=6,
+            thresholds=UP_IS_GREEN,
+            description="Backend replicas admitted and healthy (the fewest any router sees).",
+        ),
+        stat_panel(
+            "Replicas ejected",
+            [query('max(loraplex_backend_replicas{state="ejected"})', "ejected")],
+            width=6,
+            thresholds=[("green", None), ("orange", 1)],
+            description="Replicas out of rotation after failed health checks or errors "
+            "(the most any router has ejected).",
+        ),
+        stat_panel(
+            "Affinity hit ratio",
+            [
+                query(
+                    f'sum(rate(loraplex_picker_decisions_total{{decision="affinity_hit"}}{RATE})) '
+                    f"/ sum(rate(loraplex_picker_decisions_total{{{adapter_decisions}}}{RATE}))"
+                )
+            ],
+            unit="percentunit",
+            width=6,
+            description="Adapter requests sent to a replica that already held the adapter.",
+        ),
+        stat_panel(
+            "Retries refused by the budget",
+            [query("sum(increase(loraplex_retry_budget_exhausted_total[$__range]))")],
+            width=6,
+            thresholds=[("green", None), ("orange", 1)],
+            description="Failed requests that a retry on another replica could have saved, "
+            "in the time range shown.",
+        ),
+        graph_panel(
+            "Replicas by router and state",
+            [query("loraplex_backend_replicas", "{{instance}} {{state}}")],
+        ),
+        graph_panel(
+            "In flight by backend replica",
+            [query("sum by (backend) (loraplex_backend_in_flight)", "{{backend}}")],
+            stack=True,
+            description="Requests the routers have in flight on each replica; the picker keeps "
+            "each under load_factor x the mean.",
+        ),
+        graph_panel(
+            "Picker decisions/s by kind",
+            [
+                query(
+                    f"sum by (decision) (rate(loraplex_picker_decisions_total{RATE}))",
+                    "{{decision}}",
+                )
+            ],
+            unit="ops",
+            stack=True,
+            description="least_loaded: base model; affinity_hit: a home replica that holds the "
+            "adapter; miss: a home replica that does not (it loads the adapter); spill: every "
+            "home replica was over the load bound.",
+        ),
+        graph_panel(
+            "Adapter requests by picker decision",
+            [
+                query(
+                    f"sum by (decision) (rate(loraplex_picker_decisions_total"
+                    f"{{{adapter_decisions}}}{RATE})) / ignoring (decision) group_left "
+                    f"sum(rate(loraplex_picker_decisions_total{{{adapter_decisions}}}{RATE}))",
+                    "{{decision}}",
+                )
+            ],
+            unit="percentunit",
+            stack=True,
+            description="Share of adapter requests: a falling affinity_hit share with rising "
+            "miss means adapters are reloaded often (too few slots or replicas churning).",
+        ),
+        graph_panel(
+            "Retries/s by reason",
+            [
+                query(
+                    f"sum by (reason) (rate(loraplex_backend_retries_total{RATE}))",
+                    "{{reason}}",
+                    "A",
+                ),
+                query(
+                    f"sum(rate(loraplex_retry_budget_exhausted_total{RATE}))",
+                    "refused by the budget",
+                    "B",
+                ),
+            ],
+            unit="ops",
+            description="Requests retried on another replica after the first failed before "
+            "answering, and retries refused because the budget was spent.",
+        ),
+        graph_panel(
+            "Ejections by replica and reason",
+            [
+                query(
+                    f"sum by (backend, reason) (increase(loraplex_backend_ejections_total{RATE}))",
+                    "{{backend}} {{reason}}",
+                )
+            ],
+            description="health_check: failed probes; errors: consecutive failed requests.",
+        ),
+        graph_panel(
+            "Stream interruptions per minute",
+            [
+                query(
+                    f"sum(rate(loraplex_stream_interruptions_total{RATE})) * 60",
+                    "interrupted streams/min",
+                )
+            ],
+            description="Streams whose replica failed after the first byte: the client got "
+            "an error event and [DONE] (they cannot be retried).",
+        ),
+    ]
+
+
 def latency() -> list[Any]:
     return [
         graph_panel(
@@ -302,6 +423,10 @@ def adapters() -> list[Any]:
             ],
             unit="ops",
             stack=True,
+            width=8,
+            description="Requests sent to a replica that did not hold their adapter (by the "
+            "router's record): the replica's resolver loads it on that request. vLLM's own LRU "
+            "(max_cpu_loras) evicts adapters; those evictions are not counted here.",
         ),
         graph_panel(
             "Adapter load failures by adapter",
@@ -312,18 +437,17 @@ def adapters() -> list[Any]:
                     "{{adapter}}",
                 )
             ],
-            description="Failed registrations with the backend; the router log says why.",
+            width=8,
+            description="Failed first requests for an adapter on a replica that did not "
+            "hold it (its resolver could not load it); the router log says why.",
         ),
         graph_panel(
             "Adapter load latency p50/p95/p99",
             quantiles("loraplex_adapter_load_duration_seconds", "", (0.5, 0.95, 0.99), ""),
             unit="s",
-        ),
-        graph_panel(
-            "Adapter evictions per minute",
-            [query(f"sum(rate(loraplex_adapter_evictions_total{RATE})) * 60", "evictions/min")],
-            description="Sustained evictions mean the adapter working set exceeds the "
-            "backend's max_cpu_loras / max_loras.",
+            width=8,
+            description="Time to the first answer of requests that made a replica load their "
+            "adapter (fetch, verify, load into vLLM, then the request itself).",
         ),
     ]
 
@@ -360,8 +484,8 @@ def tenants() -> list[Any]:
 def backend() -> list[Any]:
     return [
         graph_panel(
-            "Backend up by router replica",
-            [query("loraplex_backend_up", "{{instance}}")],
+            "Backend replica up, by router",
+            [query("loraplex_backend_up", "{{instance}} {{backend}}")],
             width=8,
             thresholds=UP_IS_GREEN,
         ),
@@ -392,8 +516,8 @@ def backend() -> list[Any]:
             ],
             unit="s",
             width=8,
-            description="The gap is the router's share: adapter resolution, registration "
-            "and proxying.",
+            description="The gap is the router's share: adapter resolution, picking a "
+            "replica and proxying.",
         ),
         graph_panel(
             "vLLM generation tokens/s",
@@ -415,6 +539,7 @@ def backend() -> list[Any]:
 ROWS = [
     ("Overview", overview),
     ("Traffic", traffic),
+    ("Replicas", replicas),
     ("Latency", latency),
     ("Adapters", adapters),
     ("Tenants and quotas", tenants),
@@ -426,7 +551,9 @@ def build() -> model.Dashboard:
     dashboard = (
         grafana.Dashboard("loraplex")
         .uid("loraplex-overview")
-        .description("Requests, tokens, latency, adapters, quotas and backend health.")
+        .description(
+            "Requests, tokens, latency, backend replicas, adapters, quotas and engine health."
+        )
         .tags(["loraplex", "llm", "vllm"])
         .timezone("browser")
         .version(1)

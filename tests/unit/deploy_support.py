@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import importlib
 import importlib.util
 import json
 import re
@@ -37,18 +38,26 @@ _SAMPLE_SUFFIXES = {
 }
 
 
+# Modules whose module-level metrics the router's /metrics exports: the router's own, and
+# the engine supervisor's (`loraplex serve` runs it in the router's process).
+METRIC_MODULES = ("loraplex.router.metrics", "loraplex.serving.supervisor")
+
+
 @cache
 def router_metric_names() -> frozenset[str]:
-    """Series names the router exposes: router/metrics.py's metrics after client suffixes."""
+    """Series names the router's /metrics exposes: the metrics of METRIC_MODULES (those that
+    exist) after prometheus_client's suffixes."""
     from prometheus_client.metrics import MetricWrapperBase
 
-    from loraplex.router import metrics
-
     names = set()
-    for value in vars(metrics).values():
-        if isinstance(value, MetricWrapperBase):
-            for family in value.describe():
-                names.update(family.name + s for s in _SAMPLE_SUFFIXES[family.type])
+    for module_name in METRIC_MODULES:
+        if importlib.util.find_spec(module_name) is None:
+            continue  # not written yet: its names stay unknown, so queries on them fail
+        module = importlib.import_module(module_name)
+        for value in vars(module).values():
+            if isinstance(value, MetricWrapperBase):
+                for family in value.describe():
+                    names.update(family.name + s for s in _SAMPLE_SUFFIXES[family.type])
     return frozenset(names)
 
 

@@ -43,9 +43,18 @@ def test_dashboard_has_the_required_panels():
         "Requests in flight by adapter": "loraplex_requests_in_flight",
         "Adapter loads/s by result": "loraplex_adapter_loads_total",
         "Adapter load latency p50/p95/p99": "loraplex_adapter_load_duration_seconds_bucket",
-        "Adapter evictions per minute": "loraplex_adapter_evictions_total",
         "Quota rejections/s by tenant and limit": "loraplex_quota_rejections_total",
         "Backend up": "loraplex_backend_up",
+        # Scale-out (issue 13): replicas, picker, failover.
+        "Replicas up": "loraplex_backend_replicas",
+        "Replicas ejected": "loraplex_backend_replicas",
+        "In flight by backend replica": "loraplex_backend_in_flight",
+        "Picker decisions/s by kind": "loraplex_picker_decisions_total",
+        "Affinity hit ratio": "loraplex_picker_decisions_total",
+        "Retries/s by reason": "loraplex_backend_retries_total",
+        "Retries refused by the budget": "loraplex_retry_budget_exhausted_total",
+        "Ejections by replica and reason": "loraplex_backend_ejections_total",
+        "Stream interruptions per minute": "loraplex_stream_interruptions_total",
     }
     for title, metric in required.items():
         assert title in panels, title

@@ -5,6 +5,7 @@ dashboard and alert query."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import socket
 import subprocess
@@ -69,6 +70,9 @@ def test_every_alert_has_severity_summary_and_description():
         "LoraplexHighErrorRate",
         "LoraplexTTFTBudgetBurnFast",
         "LoraplexAdapterLoadFailures",
+        # Scale-out (issue 13).
+        "LoraplexBackendReplicaEjected",
+        "LoraplexRetryBudgetExhausted",
     } <= names
     for rule in rules:
         assert rule["labels"]["severity"] in {"critical", "warning", "info"}, rule["alert"]
@@ -145,7 +149,7 @@ def test_name_extraction_catches_a_typo():
 
 
 def test_label_values_in_queries_are_ones_the_router_emits():
-    source = "\n".join(p.read_text() for p in (ROOT / "router").glob("*.py"))
+    source = "\n".join(p.read_text() for p in (ROOT / "router").rglob("*.py"))
     emitted = set(_literal_label_values(source, "result"))
     assert emitted, "router no longer labels adapter loads by result?"
     used = set()
@@ -159,16 +163,33 @@ def test_label_values_in_queries_are_ones_the_router_emits():
     assert f'adapter="{OVERFLOW_LABEL}"' in overflow["expr"]
 
 
-def _literal_label_values(source: str, label: str) -> list[str]:
-    import re
+def test_scale_out_label_values_in_queries_are_ones_the_router_names():
+    """decision, state and reason values the queries filter on are string literals of the
+    router's code (the picker's decision kinds, the pool's states and reasons)."""
+    source = "\n".join(p.read_text() for p in (ROOT / "router").rglob("*.py"))
+    literals = set(re.findall(r'"([a-z0-9_]+)"', source))
+    used = {
+        (label, value)
+        for _, expr in _all_queries()
+        for label in ("decision", "state", "reason")
+        for value in _matcher_values(expr, label)
+    }
+    assert used, "no query filters on decision/state/reason any more?"
+    assert not {(label, value) for label, value in used if value not in literals}
 
-    return re.findall(rf'{label}="([^"]+)"', source)
+
+def _literal_label_values(source: str, label: str) -> list[str]:
+    """`label="a"`, and both values of `label="a" if ... else "b"`."""
+    values = []
+    for first, second in re.findall(
+        rf'\b{label}="([^"]+)"(?:\s+if\s[^\n]*?\selse\s+"([^"]+)")?', source
+    ):
+        values += [first, second] if second else [first]
+    return values
 
 
 def _matcher_values(expr: str, label: str) -> list[str]:
-    import re
-
-    return re.findall(rf'\b{label}="([^"]+)"', expr)
+    return re.findall(rf'\b{label}!?=~?"([^"]+)"', expr)
 
 
 def test_helm_chart_ships_the_same_rules():
