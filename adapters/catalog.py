@@ -186,12 +186,14 @@ class Catalog:
 
     @classmethod
     def open(cls, url: str) -> Catalog:
-        """Connect and bring the schema to its newest revision (an empty database included)."""
-        from loraplex.database import create_db_engine, migrate
+        """On the process's engine for `url` (shared with tenancy), its schema brought to the
+        newest revision on first use (an empty database included)."""
+        # Imported here: loraplex.database brings Alembic, 0.25-0.7 s of import on this
+        # machine, which the vLLM plugin and the CLI pay for nothing when they import the
+        # registry without opening a database.
+        from loraplex.database import shared_engine
 
-        engine = create_db_engine(url)
-        migrate(engine)
-        return cls(engine)
+        return cls(shared_engine(url))
 
     # ---- reading -------------------------------------------------------------------------
 

@@ -4,37 +4,67 @@ SQLite file by default (one machine, one or more router workers), any SQLAlchemy
 URL (PostgreSQL) when several router replicas share it. The schema is owned by
 Alembic migrations in `loraplex/migrations`: each component (registry, tenancy)
 is an independent branch there, so `migrate()` upgrades all of them to `heads`.
+
+A process holds one engine (one connection pool) per database and migrates it once:
+`shared_engine` is what the router's components (tenancy, registry catalog) open.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 from pathlib import Path
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Engine, create_engine, event, text
+from sqlalchemy.engine import make_url
 
 log = logging.getLogger(__name__)
 
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
+
+# Connections one engine may hold: as many as the threads that run database calls at once
+# (anyio's default thread pool, 40), so a burst of requests never waits on the pool.
+_POOL_SIZE = 10
+_MAX_OVERFLOW = 30
+
+# Any constant shared by every loraplex process (PostgreSQL advisory locks are numbers).
+_MIGRATION_LOCK = 0x6C6F7261706C6578  # "loraplex"
+
+_shared: dict[str, Engine] = {}
+_shared_lock = threading.Lock()
 
 
 def sqlite_url(path: Path) -> str:
     return f"sqlite:///{Path(path).expanduser().resolve()}"
 
 
+def normalize_url(url: str) -> str:
+    """`postgresql://` and `postgres://` mean the PostgreSQL driver loraplex ships (psycopg 3);
+    SQLAlchemy alone would look for psycopg2, which is not installed."""
+    for scheme in ("postgresql://", "postgres://"):
+        if url.startswith(scheme):
+            return "postgresql+psycopg://" + url[len(scheme) :]
+    return url
+
+
 def create_db_engine(url: str) -> Engine:
-    """An engine with the settings concurrent router workers need."""
+    """A new engine with the settings concurrent router workers need (most callers want
+    `shared_engine`)."""
+    url = normalize_url(url)
+    pool = {"pool_size": _POOL_SIZE, "max_overflow": _MAX_OVERFLOW}
     if url.startswith("sqlite"):
-        database = url.split("///", 1)[-1]
+        database = make_url(url).database
         if database and database != ":memory:":
             Path(database).parent.mkdir(parents=True, exist_ok=True)
+        else:
+            pool = {}  # in memory: SQLAlchemy's single-connection pool, no queue to size
         # Several workers write the same file: wait for a lock instead of failing.
-        engine = create_engine(url, connect_args={"timeout": 30})
+        engine = create_engine(url, connect_args={"timeout": 30}, **pool)
         event.listen(engine, "connect", _sqlite_pragmas)
         return engine
-    return create_engine(url, pool_pre_ping=True)
+    return create_engine(url, pool_pre_ping=True, **pool)
 
 
 def _sqlite_pragmas(dbapi_connection, _record) -> None:  # type: ignore[no-untyped-def]
@@ -55,7 +85,40 @@ def alembic_config(url: str) -> Config:
 
 def migrate(engine: Engine) -> None:
     """Bring the schema of every component to its newest revision (idempotent)."""
+    log.debug("migrating %s", engine.url.render_as_string(hide_password=True))
     config = alembic_config(engine.url.render_as_string(hide_password=False))
     with engine.begin() as connection:
+        if connection.dialect.name == "postgresql":
+            # Router replicas starting together on an empty database: one migrates, the
+            # others wait here (the lock ends with this transaction), then find the
+            # schema current. Without it the second CREATE TABLE fails the start-up.
+            connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _MIGRATION_LOCK})
         config.attributes["connection"] = connection
         command.upgrade(config, "heads")
+
+
+def shared_engine(url: str) -> Engine:
+    """This process's engine for the database at `url`, created and migrated on first use.
+
+    The router's tenancy and registry catalog share it: one connection pool per process
+    (not one per component), and the migrations run once at start-up, not once per
+    component. `dispose_shared_engines` closes them (tests, between databases).
+    """
+    key = normalize_url(url)
+    with _shared_lock:
+        engine = _shared.get(key)
+        if engine is None:
+            engine = create_db_engine(key)
+            migrate(engine)
+            _shared[key] = engine
+        return engine
+
+
+def dispose_shared_engines() -> None:
+    """Close every shared engine's connections and forget them: the next `shared_engine`
+    call builds (and migrates) a new one."""
+    with _shared_lock:
+        engines = list(_shared.values())
+        _shared.clear()
+    for engine in engines:
+        engine.dispose()

@@ -10,7 +10,7 @@ from fastapi import FastAPI, Request
 from sqlalchemy.exc import SQLAlchemyError
 from starlette.concurrency import run_in_threadpool
 
-from loraplex.database import create_db_engine, migrate
+from loraplex.database import shared_engine
 from loraplex.router.tenancy.admin_api import admin_router
 from loraplex.router.tenancy.auth import ANONYMOUS, Authenticator, check_startup_access, is_loopback
 from loraplex.router.tenancy.auth import may_use as _may_use
@@ -40,10 +40,9 @@ class Tenancy:
 
     @classmethod
     def from_settings(cls, settings: ServeSettings) -> Tenancy:
-        """Open (and migrate) the database; refuse open access on a public address."""
-        engine = create_db_engine(settings.resolved_database_url())
-        migrate(engine)
-        tenancy = cls(TenancyStore(engine), settings)
+        """Open the database (the process's shared engine, migrated once); refuse open
+        access on a public address."""
+        tenancy = cls(TenancyStore(shared_engine(settings.resolved_database_url())), settings)
         check_startup_access(
             settings.host, settings.allow_open_access, tenancy.authenticator.keys_required()
         )
@@ -75,6 +74,8 @@ class Tenancy:
         return True
 
     def close(self) -> None:
+        """Close the pooled connections (the shared engine stays usable: the next call
+        opens new ones)."""
         self.store.engine.dispose()
 
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from loraplex.database import create_db_engine, migrate
 from loraplex.router.tenancy.store import TenancyStore
 
@@ -16,8 +14,9 @@ class Clock:
         return self.now
 
 
-def migrated_store(tmp_path: Path, clock: Clock) -> TenancyStore:
-    """A TenancyStore on a fresh SQLite database, schema migrated, time from `clock`."""
-    engine = create_db_engine(f"sqlite:///{tmp_path}/loraplex.db")
+def migrated_store(database_url: str, clock: Clock) -> TenancyStore:
+    """A TenancyStore on a fresh database (SQLite or PostgreSQL), schema migrated, time from
+    `clock`."""
+    engine = create_db_engine(database_url)
     migrate(engine)
     return TenancyStore(engine, clock=clock)

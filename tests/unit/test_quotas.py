@@ -1,9 +1,9 @@
-"""Quota arithmetic on a real SQLite database, and one limit shared by several processes."""
+"""Quota arithmetic on a real database (SQLite and PostgreSQL), and one limit shared by several
+processes."""
 
 from __future__ import annotations
 
 import multiprocessing
-from pathlib import Path
 
 import pytest
 
@@ -19,8 +19,8 @@ def clock() -> Clock:
 
 
 @pytest.fixture
-def store(tmp_path: Path, clock: Clock) -> TenancyStore:
-    store = migrated_store(tmp_path, clock)
+def store(database_url: str, clock: Clock) -> TenancyStore:
+    store = migrated_store(database_url, clock)
     store.create_tenant("acme")  # id 1
     store.create_tenant("globex")  # id 2
     return store
@@ -123,10 +123,10 @@ def _admit_many(url: str, attempts: int, results: multiprocessing.Queue) -> None
     results.put(admitted)
 
 
-def test_workers_share_one_limit(store: TenancyStore, tmp_path: Path) -> None:
+def test_workers_share_one_limit(store: TenancyStore, database_url: str) -> None:
     """Four processes (router workers) race for 10 concurrency slots: exactly 10 win."""
     store.set_quota("acme", max_concurrent=10)
-    url = f"sqlite:///{tmp_path}/loraplex.db"
+    url = database_url
     context = multiprocessing.get_context("spawn")
     results = context.Queue()
     workers = [context.Process(target=_admit_many, args=(url, 8, results)) for _ in range(4)]

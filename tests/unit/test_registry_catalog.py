@@ -1,4 +1,5 @@
-"""The registry catalog: versions, aliases, rollback and delete rules, migrations, names."""
+"""The registry catalog on SQLite and PostgreSQL: versions, aliases, rollback and delete rules,
+migrations, names."""
 
 from __future__ import annotations
 
@@ -13,31 +14,36 @@ from loraplex.adapters.catalog import (
 )
 from loraplex.adapters.names import InvalidAdapterName
 from loraplex.adapters.refs import AdapterRef, parse_adapter_ref, parse_registry_name
-from loraplex.database import sqlite_url
+from loraplex.database import create_db_engine, dispose_shared_engines
 
 BOT = parse_registry_name("acme/bot")
 D1, D2, D3 = "1" * 64, "2" * 64, "3" * 64
 
 
 @pytest.fixture
-def catalog(tmp_path) -> Catalog:
-    return Catalog.open(sqlite_url(tmp_path / "loraplex.db"))
+def catalog(database_url: str) -> Catalog:
+    return Catalog.open(database_url)
 
 
 def resolve(catalog: Catalog, raw: str) -> int:
     return catalog.resolve(parse_adapter_ref(raw)).number
 
 
-def test_migration_from_empty_database_creates_registry_tables_and_is_idempotent(tmp_path):
-    url = sqlite_url(tmp_path / "fresh.db")
-    Catalog.open(url)
-    Catalog.open(url)  # a second start migrates nothing and loses nothing
-    inspector = sa.inspect(sa.create_engine(url))
+def test_migration_from_empty_database_creates_registry_tables_and_is_idempotent(
+    database_url: str,
+):
+    Catalog.open(database_url).add_version(BOT, D1, 10, None)
+    dispose_shared_engines()  # as a restarted process: a new engine, migrated again
+    again = Catalog.open(database_url)  # a second start migrates nothing and loses nothing
+    assert resolve(again, "acme/bot") == 1
+    engine = create_db_engine(database_url)
+    inspector = sa.inspect(engine)
     assert {"registry_adapters", "registry_versions", "registry_aliases"} <= set(
         inspector.get_table_names()
     )
-    with sa.create_engine(url).connect() as conn:
+    with engine.connect() as conn:
         heads = {row[0] for row in conn.execute(sa.text("select version_num from alembic_version"))}
+    engine.dispose()
     assert "registry_0001" in heads
 
 
@@ -132,14 +138,14 @@ def test_list_filters_by_tenant_and_shows_aliases(catalog: Catalog):
     assert acme[0].versions[0].aliases == ("latest", "stable")
 
 
-def test_catalog_survives_a_restart(tmp_path):
-    url = sqlite_url(tmp_path / "loraplex.db")
-    first = Catalog.open(url)
+def test_catalog_survives_a_restart(database_url: str):
+    first = Catalog.open(database_url)
     first.add_version(BOT, D1, 10, None)
     first.add_version(BOT, D2, 10, None)
     first.set_alias(BOT, "stable", 1)
-    first.engine.dispose()
-    again = Catalog.open(url)
+    dispose_shared_engines()  # as a restarted process: nothing of the first engine remains
+    again = Catalog.open(database_url)
+    assert again.engine is not first.engine
     assert resolve(again, "acme/bot") == 2
     assert resolve(again, "acme/bot@stable") == 1
     assert again.resolve(parse_adapter_ref("acme/bot:v1")).digest == D1

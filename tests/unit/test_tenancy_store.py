@@ -1,8 +1,7 @@
-"""Tenants and keys in a real SQLite database: hashing, listing, revocation, expiry."""
+"""Tenants and keys in a real database (SQLite and PostgreSQL): hashing, listing, revocation,
+expiry."""
 
 from __future__ import annotations
-
-from pathlib import Path
 
 import pytest
 
@@ -14,8 +13,10 @@ from loraplex.router.tenancy.store import (
     NotFound,
     TenancyError,
     TenancyStore,
+    hash_key,
     parse_expiry,
 )
+from tests.postgres_server import Databases
 from tests.unit.tenancy_helpers import Clock, migrated_store
 
 
@@ -25,18 +26,21 @@ def clock() -> Clock:
 
 
 @pytest.fixture
-def store(tmp_path: Path, clock: Clock) -> TenancyStore:
-    return migrated_store(tmp_path, clock)
+def store(database_url: str, clock: Clock) -> TenancyStore:
+    return migrated_store(database_url, clock)
 
 
 def test_key_is_stored_hashed_and_listed_by_prefix_only(
-    store: TenancyStore, tmp_path: Path
+    store: TenancyStore, databases: Databases
 ) -> None:
     store.create_tenant("acme")
     raw, info = store.create_key("acme", description="ci")
     assert raw.startswith("lpx_") and len(raw) > 40 and raw.startswith(info.prefix)
     store.engine.dispose()
-    database = b"".join(p.read_bytes() for p in tmp_path.glob("loraplex.db*"))
+    files = databases.files()
+    assert files  # the database's own files (SQLite: file + WAL; PostgreSQL: tables + WAL)
+    database = b"".join(p.read_bytes() for p in files)
+    assert hash_key(raw).encode() in database  # the files read are the ones the key went to
     assert raw.encode() not in database
     assert [(k.prefix, k.tenant, k.description) for k in store.list_keys()] == [
         (info.prefix, "acme", "ci")
