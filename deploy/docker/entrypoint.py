@@ -1,6 +1,7 @@
 """Container entry point: one image, two roles.
 
-    entrypoint.py router       the loraplex router, in front of LORAPLEX_BACKEND_URL
+    entrypoint.py router       the loraplex router, in front of the backends found through
+                               LORAPLEX_BACKEND_DISCOVERY (dns:HOST:PORT) or LORAPLEX_BACKEND_URL
     entrypoint.py backend      a vLLM OpenAI server with the loraplex plugin
     entrypoint.py healthcheck  probe /health of the role this container runs
     entrypoint.py CMD ...      anything else runs as is (`loraplex tenants create acme`)
@@ -36,10 +37,13 @@ def backend_command() -> tuple[list[str], dict[str, str]]:
 
 
 def router_command() -> list[str]:
-    if not os.environ.get("LORAPLEX_BACKEND_URL"):
-        # Without it `loraplex serve` would start its own vLLM child inside the router
+    if not (os.environ.get("LORAPLEX_BACKEND_DISCOVERY") or os.environ.get("LORAPLEX_BACKEND_URL")):
+        # Without either `loraplex serve` would start its own vLLM child inside the router
         # container, which is the single-container mode, not this role.
-        raise SystemExit("router role needs LORAPLEX_BACKEND_URL (e.g. http://backend:8100)")
+        raise SystemExit(
+            "router role needs LORAPLEX_BACKEND_DISCOVERY (e.g. dns:backend:8100) "
+            "or LORAPLEX_BACKEND_URL (e.g. http://backend:8100)"
+        )
     os.environ.setdefault("LORAPLEX_HOST", "0.0.0.0")
     return ["loraplex", "serve"]
 

@@ -108,12 +108,13 @@ def test_backend_role_is_the_serve_command_on_the_container_network(monkeypatch,
     assert env["LORAPLEX_REGISTRY_STORE"] == "s3://bucket/adapters"
 
 
-def test_router_role_needs_a_backend_url(monkeypatch, tmp_path):
+def test_router_role_needs_backends_to_route_to(monkeypatch, tmp_path):
     monkeypatch.delenv("LORAPLEX_BACKEND_URL", raising=False)
+    monkeypatch.delenv("LORAPLEX_BACKEND_DISCOVERY", raising=False)
     entrypoint = _entrypoint(monkeypatch, tmp_path)
-    with pytest.raises(SystemExit, match="LORAPLEX_BACKEND_URL"):
+    with pytest.raises(SystemExit, match=r"LORAPLEX_BACKEND_DISCOVERY .* or LORAPLEX_BACKEND_URL"):
         entrypoint.router_command()
-    monkeypatch.setenv("LORAPLEX_BACKEND_URL", "http://backend:8100")
+    monkeypatch.setenv("LORAPLEX_BACKEND_DISCOVERY", "dns:backend:8100")
     # router_command() sets LORAPLEX_HOST in os.environ: setenv first so that monkeypatch
     # removes it again afterwards (a leaked 0.0.0.0 makes later routers refuse to start).
     monkeypatch.setenv("LORAPLEX_HOST", "unset")
@@ -193,7 +194,9 @@ def test_compose_runs_the_whole_stack(compose):
     assert services["backend"]["command"] == ["backend"]
     assert services["router"]["command"] == ["router"]
     router_env = services["router"]["environment"]
-    assert router_env["LORAPLEX_BACKEND_URL"] == "http://backend:8100"
+    # The same setting as the Helm chart: the backends are the addresses of a DNS name.
+    assert router_env["LORAPLEX_BACKEND_DISCOVERY"] == "dns:backend:8100"
+    assert "LORAPLEX_BACKEND_URL" not in router_env
     assert router_env["LORAPLEX_ADMIN_KEY"] == "test-admin-key"
     assert services["router"]["depends_on"]["backend"]["condition"] == "service_healthy"
     # Only loopback ports are published; the backend is not published at all.
@@ -211,7 +214,8 @@ def test_compose_references_existing_files(compose):
         for volume in service.get("volumes", []):
             if volume["type"] == "bind":
                 assert Path(volume["source"]).exists(), (name, volume["source"])
-    # The router and backend share the adapter volume at the same path (registration by path).
+    # The router and backend share the adapter volume at the same path (the router publishes,
+    # the backend's plugin loads).
     mounts = {
         name: {v["target"]: v["source"] for v in compose["services"][name]["volumes"]}
         for name in ("router", "backend")

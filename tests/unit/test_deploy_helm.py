@@ -33,7 +33,7 @@ FULL = {
             "secretAccessKey": "secret",
         },
     },
-    "vllm": {"modelCache": {"persistence": {"enabled": True}}},
+    "vllm": {"replicas": 3, "modelCache": {"persistence": {"enabled": True}}},
     "metrics": {
         "serviceMonitor": {"enabled": True, "labels": {"release": "kps"}},
         "prometheusRule": {"enabled": True},
@@ -142,7 +142,9 @@ def test_router_deployment():
     )
     assert find(docs, "PodDisruptionBudget", "lp-loraplex-router")["spec"]["minAvailable"] == 1
     config = find(docs, "ConfigMap", "lp-loraplex")["data"]
-    assert config["LORAPLEX_BACKEND_URL"] == "http://lp-loraplex-vllm:8100"
+    # The engines are found by DNS, not given as one URL.
+    assert env["LORAPLEX_BACKEND_DISCOVERY"]["value"] == "dns:lp-loraplex-vllm-headless.ml.svc:8100"
+    assert "LORAPLEX_BACKEND_URL" not in config and "LORAPLEX_BACKEND_URL" not in env
     assert config["LORAPLEX_REGISTRY_STORE"] == "s3://adapters/prod"
     assert "LORAPLEX_DATABASE_URL" not in config  # comes from the Secret
 
@@ -160,6 +162,59 @@ def test_vllm_deployment_on_gpu_and_cpu():
     cpu = container(find(render(CPU), "Deployment", "lp-loraplex-vllm"))
     assert cpu["image"] == "loraplex:0.1.0-cpu"
     assert "nvidia.com/gpu" not in cpu["resources"].get("limits", {})
+
+
+def test_vllm_replicas_sit_behind_a_headless_service_the_router_discovers():
+    docs = render(FULL)
+    services = [
+        d
+        for d in docs
+        if d["kind"] == "Service"
+        and d["metadata"]["labels"]["app.kubernetes.io/component"] == "vllm"
+    ]
+    # One Service for the engines, and it has no virtual IP: a ClusterIP would spread
+    # requests round-robin behind the router's back.
+    assert [s["metadata"]["name"] for s in services] == ["lp-loraplex-vllm-headless"]
+    headless = services[0]["spec"]
+    assert headless["clusterIP"] == "None"
+    assert headless["publishNotReadyAddresses"] is False  # starting engines are not addresses
+    deployment = find(docs, "Deployment", "lp-loraplex-vllm")
+    assert deployment["spec"]["replicas"] == 3
+    pod_labels = deployment["spec"]["template"]["metadata"]["labels"]
+    assert headless["selector"].items() <= pod_labels.items()
+    vllm = container(deployment)
+    port = headless["ports"][0]
+    assert (
+        port["targetPort"] == "http"
+        and {"name": "http", "containerPort": port["port"]}.items() <= vllm["ports"][0].items()
+    )
+    # The router resolves exactly that Service, in the release's namespace, on that port.
+    router_env = {
+        e["name"]: e.get("value")
+        for e in container(find(docs, "Deployment", "lp-loraplex-router"))["env"]
+    }
+    assert router_env["LORAPLEX_BACKEND_DISCOVERY"] == (
+        f"dns:{services[0]['metadata']['name']}.ml.svc:{port['port']}"
+    )
+    interval = float(router_env["LORAPLEX_DISCOVERY_INTERVAL_S"])
+    # Engines load adapters lazily through the plugin's resolvers: no pre-registration.
+    env = {e["name"]: e.get("value") for e in vllm["env"]}
+    assert env["VLLM_PLUGINS"] == "loraplex"
+    assert env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] == "True"
+    # A stopping engine keeps serving until every router has re-resolved the name.
+    sleep = vllm["lifecycle"]["preStop"]["exec"]["command"][-1]
+    assert float(sleep.removeprefix("import time; time.sleep(").removesuffix(")")) > interval
+    # Rolling, one engine at a time; no surge pod that would need a spare GPU.
+    assert deployment["spec"]["strategy"]["rollingUpdate"] == {"maxUnavailable": 1, "maxSurge": 0}
+    budget = find(docs, "PodDisruptionBudget", "lp-loraplex-vllm")["spec"]
+    assert budget["maxUnavailable"] == 1
+    assert budget["selector"]["matchLabels"].items() <= pod_labels.items()
+    # One engine: no budget (there is no other engine to keep serving during a drain).
+    assert not [
+        d
+        for d in render(ADMIN)
+        if d["kind"] == "PodDisruptionBudget" and d["metadata"]["name"] == "lp-loraplex-vllm"
+    ]
 
 
 def test_model_cache_and_shared_data_claims():
@@ -186,9 +241,12 @@ def test_configuration_names_are_loraplex_settings():
 
 def test_service_monitors_select_the_services_and_set_the_rules_job_names():
     docs = render(FULL)
-    for component, job in (("router", "loraplex-router"), ("vllm", "loraplex-vllm")):
+    for component, job, service_name in (
+        ("router", "loraplex-router", "lp-loraplex-router"),
+        ("vllm", "loraplex-vllm", "lp-loraplex-vllm-headless"),
+    ):
         monitor = find(docs, "ServiceMonitor", f"lp-loraplex-{component}")
-        service = find(docs, "Service", f"lp-loraplex-{component}")
+        service = find(docs, "Service", service_name)
         assert monitor["metadata"]["labels"]["release"] == "kps"
         selector = monitor["spec"]["selector"]["matchLabels"]
         assert selector.items() <= service["metadata"]["labels"].items()

@@ -202,7 +202,10 @@ def test_compose_scrape_jobs_match_the_rules():
     config = yaml.safe_load((DEPLOY / "prometheus" / "prometheus.yml").read_text())
     jobs = {job["job_name"]: job for job in config["scrape_configs"]}
     assert jobs["loraplex-router"]["static_configs"][0]["targets"] == ["router:8000"]
-    assert jobs["loraplex-vllm"]["static_configs"][0]["targets"] == ["backend:8100"]
+    # Every backend container, like the router's own discovery (dns:backend:8100).
+    assert jobs["loraplex-vllm"]["dns_sd_configs"] == [
+        {"names": ["backend"], "type": "A", "port": 8100, "refresh_interval": "15s"}
+    ]
     exprs = " ".join(rule["expr"] for rule in alert_rules())
     assert 'job="loraplex-router"' in exprs and 'job="loraplex-vllm"' in exprs
 

@@ -37,6 +37,16 @@ app.kubernetes.io/instance: {{ .ctx.Release.Name }}
 app.kubernetes.io/component: {{ .component }}
 {{- end -}}
 
+{{/* The vLLM replicas' headless Service: one DNS A record per ready pod. */}}
+{{- define "loraplex.vllmHeadlessService" -}}
+{{- printf "%s-vllm-headless" (include "loraplex.fullname" .) -}}
+{{- end -}}
+
+{{/* The router's backend_discovery setting: dns:<headless service>.<namespace>.svc:<port>. */}}
+{{- define "loraplex.backendDiscovery" -}}
+{{- printf "dns:%s.%s.svc:%v" (include "loraplex.vllmHeadlessService" .) .Release.Namespace .Values.vllm.port -}}
+{{- end -}}
+
 {{- define "loraplex.image" -}}
 {{- $tag := default (printf "%s-%s" .Chart.AppVersion .Values.image.flavour) .Values.image.tag -}}
 {{- printf "%s:%s" .Values.image.repository $tag -}}
