@@ -3,9 +3,12 @@ module is importable as `bench_common`)."""
 
 from __future__ import annotations
 
+import os
+import platform
 import socket
 import subprocess
 import time
+from pathlib import Path
 
 import httpx
 
@@ -32,3 +35,22 @@ def wait_ready(url: str, process: subprocess.Popen, path: str = "/ready") -> boo
             pass
         time.sleep(0.5)
     return False
+
+
+# The CPU features that change what these numbers mean (SIMD widths, bf16/AMX units).
+_ISA_PREFIXES = ("sse4", "avx", "fma", "amx")
+
+
+def machine() -> dict:
+    """The machine a result was measured on: CPU model, cores, SIMD/AMX flags, Python."""
+    cpuinfo = Path("/proc/cpuinfo")
+    lines = cpuinfo.read_text().splitlines() if cpuinfo.exists() else []
+    fields = dict(line.split(":", 1) for line in lines if ":" in line)
+    fields = {key.strip(): value.strip() for key, value in fields.items()}
+    flags = fields.get("flags", "").split()
+    return {
+        "cpu_model": fields.get("model name") or platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "isa_flags": sorted(flag for flag in flags if flag.startswith(_ISA_PREFIXES)),
+        "python": platform.python_version(),
+    }

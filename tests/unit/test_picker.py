@@ -254,3 +254,40 @@ def test_round_robin_cycles_ignoring_adapters_and_reports_comparable_kinds():
     assert picker.pick(None, pool).kind == "least_loaded"
     skipped = {picker.pick(adapter, pool, exclude=frozenset({name(1)})).replica for _ in range(4)}
     assert skipped == {name(0), name(2)}
+
+
+def rule_as_written(adapter, pool, adapter_in_flight, exclude, c=1.25, spill=4.0):
+    """docs/routing.md's rule, spelled out without shortcuts."""
+    pool = [r for r in pool if r.name not in exclude]
+    if adapter is None:
+        return Decision(min(pool, key=lambda r: r.in_flight).name, "least_loaded")
+    bound = c * max(1.0, (sum(r.in_flight for r in pool) + 1) / len(pool))
+    order = rendezvous_order(adapter, [r.name for r in pool])
+    by_name = {r.name: r for r in pool}
+    k = min(len(pool), 1 + int(max(adapter_in_flight, 0) // spill))
+    under = [by_name[n] for n in order[:k] if by_name[n].in_flight <= bound]
+    holders = [r for r in under if adapter in r.holds]
+    if holders:
+        return Decision(min(holders, key=lambda r: r.in_flight).name, "affinity_hit")
+    if under:
+        return Decision(min(under, key=lambda r: r.in_flight).name, "miss")
+    return Decision(next(n for n in order if by_name[n].in_flight <= bound), "spill")
+
+
+def test_decisions_follow_the_documented_rule_on_random_snapshots():
+    rng = random.Random(5)
+    picker = AdapterAwarePicker()
+    adapters = ADAPTERS[:20]
+    for _ in range(3000):
+        count = rng.randint(1, 8)
+        pool = [
+            ReplicaState(name(i), rng.randint(0, 9), frozenset(rng.sample(adapters, 5)))
+            for i in range(count)
+        ]
+        exclude = frozenset(name(i) for i in range(count) if rng.random() < 0.2)
+        if len(exclude) == count:
+            continue
+        adapter = None if rng.random() < 0.1 else rng.choice(adapters)
+        adapter_in_flight = rng.randint(-1, 20)
+        expected = rule_as_written(adapter, pool, adapter_in_flight, exclude)
+        assert picker.pick(adapter, pool, adapter_in_flight, exclude) == expected
