@@ -109,20 +109,15 @@ def test_candidates_grow_with_the_adapters_in_flight(adapter_in_flight, k):
 
 
 def test_candidates_shrink_back_when_the_adapters_load_falls():
+    """One picker through a rise and fall of the adapter's load: with load falling along
+    the rendezvous order the pick is the k-th replica, so the ranks trace k."""
     adapter = ADAPTERS[1]
+    names = [name(i) for i in range(4)]
+    order = rendezvous_order(adapter, names)
+    pool = replicas(4, in_flight={names.index(n): 10 - rank for rank, n in enumerate(order)})
     picker = AdapterAwarePicker(load_factor=100.0, spill_in_flight=4.0)
-    pool = replicas(4)
-    order = rendezvous_order(adapter, [r.name for r in pool])
-    used = set()
-    for adapter_in_flight in (0, 4, 8, 12):
-        # The replicas already used are busier, so each widening reaches a new one.
-        loaded = [ReplicaState(r.name, 5 if r.name in used else 0, r.holds) for r in pool]
-        used.add(picker.pick(adapter, loaded, adapter_in_flight).replica)
-    assert used == set(order)
-    assert (
-        picker.pick(adapter, replicas(4, in_flight={0: 1, 1: 1, 2: 1, 3: 1}), 0).replica
-        == (order[0])
-    )
+    ranks = [order.index(picker.pick(adapter, pool, n).replica) for n in (0, 4, 9, 13, 9, 5, 1)]
+    assert ranks == [0, 1, 2, 3, 2, 1, 0]
 
 
 # --- bounded load ---------------------------------------------------------------------
