@@ -94,6 +94,8 @@ class HeldAdapters:
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity
         self._ids: OrderedDict[str, None] = OrderedDict()
+        # The picker reads a frozen copy on every request; rebuilt only when the set changes.
+        self._frozen: frozenset[str] | None = frozenset()
 
     def __contains__(self, adapter_id: object) -> bool:
         return adapter_id in self._ids
@@ -110,16 +112,22 @@ class HeldAdapters:
         self._ids[adapter_id] = None
         while len(self._ids) > self.capacity:
             self._ids.popitem(last=False)
+        self._frozen = None
         return True
 
     def discard(self, adapter_id: str) -> None:
-        self._ids.pop(adapter_id, None)
+        if adapter_id in self._ids:
+            del self._ids[adapter_id]
+            self._frozen = None
 
     def clear(self) -> None:
         self._ids.clear()
+        self._frozen = frozenset()
 
     def frozen(self) -> frozenset[str]:
-        return frozenset(self._ids)
+        if self._frozen is None:
+            self._frozen = frozenset(self._ids)
+        return self._frozen
 
 
 @dataclass(eq=False)

@@ -174,63 +174,57 @@ class Forwarder:
         try:
             try:
                 response = await replica.client.send(call.path, call.body, call.stream)
+                if call.stream and response.status_code == 200:
+                    chunks = aiter(response.aiter_raw())
+                    first = await _first_chunk(response, chunks)
+                    self.pool.record_success(replica)
+                    self._loaded(replica, call, loading, ok=True, started=started)
+                    handed_over = True
+                    relay = self._relay(replica, adapter_id, response, chunks, first)
+                    return StreamingResponse(
+                        rename_model_stream(relay, call.backend_name, call.client_name),
+                        media_type="text/event-stream",
+                    )
+                content = await _read(response)
             except BackendFailure as failure:
                 self.pool.record_failure(replica)
                 self._loaded(replica, call, loading, ok=False, started=started)
                 failure.retry_after_s = self.retry_after_s
                 retryable = failure.reason != "timeout"
                 return _Failed(failure.reason, retryable, failure.as_api_error())
-            status = response.status_code
-            if call.stream and status == 200:
-                chunks = aiter(response.aiter_raw())
-                first = await self._first_chunk(response, chunks)
-                if isinstance(first, BackendFailure):
-                    self.pool.record_failure(replica)
-                    self._loaded(replica, call, loading, ok=False, started=started)
-                    first.retry_after_s = self.retry_after_s
-                    return _Failed(first.reason, first.reason != "timeout", first.as_api_error())
-                self.pool.record_success(replica)
-                self._loaded(replica, call, loading, ok=True, started=started)
-                handed_over = True
-                return StreamingResponse(
-                    rename_model_stream(
-                        self._relay(replica, adapter_id, response, chunks, first),
-                        call.backend_name,
-                        call.client_name,
-                    ),
-                    media_type="text/event-stream",
-                )
-            try:
-                content = await response.aread()
-            except httpx.HTTPError as exc:
-                self.pool.record_failure(replica)
-                self._loaded(replica, call, loading, ok=False, started=started)
-                reason = classify(exc)
-                failure = BackendFailure(reason, repr(exc), self.retry_after_s)
-                return _Failed(reason, reason != "timeout", failure.as_api_error())
-            finally:
-                await response.aclose()
-            if status in _DYING_ENGINE_STATUSES:
-                self.pool.record_failure(replica)
-            else:
-                self.pool.record_success(replica)
-            self._loaded(replica, call, loading, ok=200 <= status < 300, started=started)
-            if status in _DYING_ENGINE_STATUSES:
-                return _Failed(
-                    f"status_{status}", status in _RETRIED_STATUSES, _backend_error(status, content)
-                )
-            if status == 404 and call.adapter is not None:
-                message, _ = error_detail(content)
-                raise await asyncio.to_thread(
-                    self.resolver.diagnose, call.adapter, replica.url, message
-                )
-            if status >= 400:
-                raise _backend_error(status, content)
-            content = rename_model(content, call.backend_name, call.client_name)
-            return Response(content, status, media_type="application/json")
+            return await self._answer(
+                replica, call, loading, started, response.status_code, content
+            )
         finally:
             if not handed_over:
                 self.pool.end(replica, adapter_id)
+
+    async def _answer(
+        self,
+        replica: Replica,
+        call: Call,
+        loading: bool,
+        started: float,
+        status: int,
+        content: bytes,
+    ) -> Response | _Failed:
+        """A whole (non-streamed, or error) answer: the client's response, an APIError, or
+        a failure that may be retried elsewhere."""
+        self._loaded(replica, call, loading, ok=200 <= status < 300, started=started)
+        if status in _DYING_ENGINE_STATUSES:
+            self.pool.record_failure(replica)
+            error = _backend_error(status, content)
+            return _Failed(f"status_{status}", status in _RETRIED_STATUSES, error)
+        self.pool.record_success(replica)
+        if status == 404 and call.adapter is not None:
+            message, _ = error_detail(content)
+            raise await asyncio.to_thread(
+                self.resolver.diagnose, call.adapter, replica.url, message
+            )
+        if status >= 400:
+            raise _backend_error(status, content)
+        content = rename_model(content, call.backend_name, call.client_name)
+        return Response(content, status, media_type="application/json")
 
     def _loaded(
         self, replica: Replica, call: Call, loading: bool, *, ok: bool, started: float
@@ -244,19 +238,6 @@ class Forwarder:
             ADAPTER_LOAD_DURATION.observe(time.monotonic() - started)
         else:
             replica.held.discard(call.adapter.id)
-
-    async def _first_chunk(
-        self, response: httpx.Response, chunks: AsyncIterator[bytes]
-    ) -> bytes | BackendFailure:
-        """Wait for the stream's first bytes; a failure closes the response."""
-        try:
-            async for chunk in chunks:
-                if chunk:
-                    return chunk
-            return b""
-        except httpx.HTTPError as exc:
-            await response.aclose()
-            return BackendFailure(classify(exc), repr(exc))
 
     async def _relay(
         self,
@@ -301,6 +282,28 @@ class Forwarder:
             self.pool.end(replica, adapter_id)
             with anyio.CancelScope(shield=True):
                 await response.aclose()
+
+
+async def _first_chunk(response: httpx.Response, chunks: AsyncIterator[bytes]) -> bytes:
+    """Wait for a stream's first bytes; raises BackendFailure (response closed) if none come."""
+    try:
+        async for chunk in chunks:
+            if chunk:
+                return chunk
+        return b""
+    except httpx.HTTPError as exc:
+        await response.aclose()
+        raise BackendFailure(classify(exc), repr(exc)) from None
+
+
+async def _read(response: httpx.Response) -> bytes:
+    """The whole body (already read unless streamed); raises BackendFailure if it breaks."""
+    try:
+        return await response.aread()
+    except httpx.HTTPError as exc:
+        raise BackendFailure(classify(exc), repr(exc)) from None
+    finally:
+        await response.aclose()
 
 
 def _interruption_events(detail: str) -> bytes:
