@@ -37,7 +37,8 @@ DecisionKind = Literal["least_loaded", "affinity_hit", "miss", "spill"]
 # ~1.9 us on the 2-core dev machine, so 16 replicas uncached would be ~30 us of a 50 us
 # budget; cached, the whole decision is a few us (bench/picker_speed.py). The bounds keep
 # memory flat under adapter churn (oldest adapter dropped first) and replica churn (an
-# adapter's dict is rebuilt when pod IPs from DNS discovery have piled up in it).
+# adapter's dict is rebuilt when pod IPs from DNS discovery have piled up in it); full,
+# the cache holds 5.8 MB at 16 replicas and 17.5 MB at 64 (tracemalloc).
 _MAX_CACHED_ADAPTERS = 4096
 _MAX_CACHED_REPLICAS_PER_ADAPTER = 256
 
