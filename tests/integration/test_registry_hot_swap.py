@@ -118,12 +118,14 @@ def test_concurrent_mixed_requests_each_get_their_own_adapter(server: Server, fl
     assert not wrong, f"{len(wrong)} answers differ from the adapter's solo answer: {wrong[:5]}"
     metrics = httpx.get(f"{server.url}/metrics", timeout=30)
     if metrics.status_code == 200:  # the metrics endpoint is another component's
-        evictions = [
-            line
+        loads = [
+            float(line.split()[1])
             for line in metrics.text.splitlines()
-            if line.startswith("loraplex_adapter_evictions_total ")
+            if line.startswith("loraplex_adapter_loads_total{")
         ]
-        assert evictions and float(evictions[0].split()[1]) > 0  # 64 adapters, 16 registered
+        # The replica's resolvers load each adapter on first use and vLLM's LRU (32 host
+        # slots) evicts: the router counts more loads than the 64 distinct adapters.
+        assert sum(loads) > FLEET
 
 
 def cli(server: Server, *argv: str) -> str:
