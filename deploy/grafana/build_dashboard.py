@@ -376,6 +376,27 @@ def replicas() -> list[Any]:
             description="Streams whose replica failed after the first byte: the client got "
             "an error event and [DONE] (they cannot be retried).",
         ),
+        graph_panel(
+            "Engine restarts by replica",
+            [
+                query(
+                    f"sum by (instance, replica) (increase(loraplex_engine_restarts_total{RATE}))",
+                    "{{instance}} engine {{replica}}",
+                )
+            ],
+            description="Local engines restarted by `loraplex serve --replicas N` after they "
+            "died or hung. On Kubernetes the kubelet restarts engine pods instead (see "
+            "kube-state-metrics).",
+        ),
+        graph_panel(
+            "Local engines up",
+            [query("loraplex_engine_up", "{{instance}} engine {{replica}}")],
+            width=24,
+            height=6,
+            thresholds=UP_IS_GREEN,
+            description="1 while a local engine of `loraplex serve` answers /health; 0 while "
+            "it is down or being restarted.",
+        ),
     ]
 
 

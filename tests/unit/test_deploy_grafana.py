@@ -55,6 +55,8 @@ def test_dashboard_has_the_required_panels():
         "Retries refused by the budget": "loraplex_retry_budget_exhausted_total",
         "Ejections by replica and reason": "loraplex_backend_ejections_total",
         "Stream interruptions per minute": "loraplex_stream_interruptions_total",
+        "Engine restarts by replica": "loraplex_engine_restarts_total",
+        "Local engines up": "loraplex_engine_up",
     }
     for title, metric in required.items():
         assert title in panels, title

@@ -73,6 +73,7 @@ def test_every_alert_has_severity_summary_and_description():
         # Scale-out (issue 13).
         "LoraplexBackendReplicaEjected",
         "LoraplexRetryBudgetExhausted",
+        "LoraplexEngineRestartLoop",
     } <= names
     for rule in rules:
         assert rule["labels"]["severity"] in {"critical", "warning", "info"}, rule["alert"]
