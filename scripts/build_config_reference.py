@@ -31,10 +31,10 @@ HEADER = f"""# Configuration reference
 
 Every setting of `loraplex serve`: its flag, its environment variable, its default and
 what it does. Flags win over environment variables, environment variables over the
-defaults. `loraplex adapters demo` takes the same flags; the registry commands
-(`loraplex adapters publish|list|alias|rollback|delete`) take the registry and database
-ones, and the tenancy commands `--database-url`. Inside vLLM, loraplex's plugin reads the
-same `LORAPLEX_*` variables (see [serving.md](serving.md)).
+defaults. Other commands take the flags of the settings they use (`loraplex adapters
+publish --help`, `loraplex tenants create --help`, ...), with the same environment
+variables. Inside vLLM, loraplex's plugin reads the same `LORAPLEX_*` variables (see
+[serving.md](serving.md#the-vllm-plugin)).
 
 <!-- Generated from loraplex/settings.py (ServeSettings) by scripts/build_config_reference.py.
 Do not edit by hand: change the field's docstring, then run `{COMMAND}`.
@@ -76,12 +76,10 @@ def render_default(value: object) -> str:
         return f"`{str(value).lower()}`"
     if isinstance(value, float):
         return f"`{value:g}`"
-    if isinstance(value, Path):
-        home = str(Path.home())
-        text = str(value)
-        # The default sits under whoever runs the generator: show it as a reader's own.
-        return f"`~{text[len(home) :]}`" if text.startswith(home + "/") else f"`{text}`"
-    return f"`{value}`"
+    # A default under whoever runs the generator (a path, a sqlite:/// URL): show it under
+    # every reader's own home.
+    text = str(value).replace(str(Path.home()) + "/", "~/")
+    return f"`{text}`"
 
 
 def render_meaning(field: FieldInfo) -> str:
