@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from loraplex.router.backend_pool import parse_discovery
 from tests.unit.deploy_support import DEPLOY, ROOT, unknown_settings
 
 DOCKER = DEPLOY / "docker"
@@ -195,7 +196,7 @@ def test_compose_runs_the_whole_stack(compose):
     assert services["router"]["command"] == ["router"]
     router_env = services["router"]["environment"]
     # The same setting as the Helm chart: the backends are the addresses of a DNS name.
-    assert router_env["LORAPLEX_BACKEND_DISCOVERY"] == "dns:backend:8100"
+    assert parse_discovery(router_env["LORAPLEX_BACKEND_DISCOVERY"]) == ("backend", 8100)
     assert "LORAPLEX_BACKEND_URL" not in router_env
     assert router_env["LORAPLEX_ADMIN_KEY"] == "test-admin-key"
     assert services["router"]["depends_on"]["backend"]["condition"] == "service_healthy"

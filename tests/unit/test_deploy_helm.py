@@ -12,6 +12,7 @@ import subprocess
 import pytest
 import yaml
 
+from loraplex.router.backend_pool import parse_discovery
 from tests.unit.deploy_support import ALERTS, CHART, DASHBOARD, unknown_settings
 
 helm = pytest.importorskip("helm_python", reason="helm-python-sdk not installed (test extras)")
@@ -188,14 +189,14 @@ def test_vllm_replicas_sit_behind_a_headless_service_the_router_discovers():
         port["targetPort"] == "http"
         and {"name": "http", "containerPort": port["port"]}.items() <= vllm["ports"][0].items()
     )
-    # The router resolves exactly that Service, in the release's namespace, on that port.
     router_env = {
         e["name"]: e.get("value")
         for e in container(find(docs, "Deployment", "lp-loraplex-router"))["env"]
     }
-    assert router_env["LORAPLEX_BACKEND_DISCOVERY"] == (
-        f"dns:{services[0]['metadata']['name']}.ml.svc:{port['port']}"
-    )
+    # The router resolves exactly that Service, in the release's namespace, on that port
+    # (read by the router's own parser).
+    discovery = parse_discovery(router_env["LORAPLEX_BACKEND_DISCOVERY"])
+    assert discovery == (f"{services[0]['metadata']['name']}.ml.svc", port["port"])
     interval = float(router_env["LORAPLEX_DISCOVERY_INTERVAL_S"])
     # Engines load adapters lazily through the plugin's resolvers: no pre-registration.
     env = {e["name"]: e.get("value") for e in vllm["env"]}
