@@ -29,12 +29,11 @@ class RegistryConfig:
 
     @classmethod
     def from_settings(cls, settings: Any) -> RegistryConfig:
-        """From ServeSettings (duck-typed: adapters/ does not import the service layer)."""
-        from loraplex.settings import default_cache_dir
-
+        """From ServeSettings, where the defaults live (duck-typed: adapters/ does not import
+        the settings)."""
         return cls(
             database_url=settings.resolved_database_url(),
-            store=settings.registry_store or str(default_cache_dir() / "registry"),
+            store=settings.registry_store,
             s3_endpoint_url=settings.registry_s3_endpoint_url or None,
             cache_dir=Path(settings.registry_cache_dir),
             cache_bytes=int(settings.registry_cache_gib * GIB),

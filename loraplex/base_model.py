@@ -12,7 +12,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
-import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -20,7 +19,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from loraplex.adapters.manifest import sha256_file
-from loraplex.settings import default_cache_dir
+from loraplex.settings import ServeSettings
 
 log = logging.getLogger(__name__)
 
@@ -34,9 +33,22 @@ class ModelPullError(RuntimeError):
     """The embedded model could not be materialized."""
 
 
-def embedded_model_dir() -> Path:
-    root = Path(os.environ.get("LORAPLEX_MODEL_CACHE", default_cache_dir() / "models"))
-    return root / EMBEDDED_MODEL_ID
+def embedded_model_dir(model_cache: Path | None = None) -> Path:
+    """Where the embedded model lives: `<model_cache>/SmolLM2-135M-Instruct`
+    (default: the `model_cache` setting, LORAPLEX_MODEL_CACHE)."""
+    return (model_cache or ServeSettings().model_cache) / EMBEDDED_MODEL_ID
+
+
+def base_model_dir(
+    base_model: str | Path = "", model_cache: Path | None = None, *, pull: bool = True
+) -> Path:
+    """The base model folder every command uses: `base_model` when given (a folder, or a
+    hub id vLLM resolves); empty = the embedded SmolLM2 in `model_cache`, pulled (and
+    verified) when `pull`, else just its folder."""
+    if base_model:
+        return Path(base_model)
+    folder = embedded_model_dir(model_cache)
+    return pull_embedded_model(folder) if pull else folder
 
 
 def find_gguf_file() -> Path:

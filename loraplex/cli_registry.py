@@ -2,6 +2,11 @@
 
 Errors name the file, field or adapter at fault and exit with status 2 (bad
 input, refused change) or 3 (store or database unreachable).
+
+The catalog side (loraplex.adapters.registry, .catalog, .publish) is imported inside
+the functions that use it: it pulls SQLAlchemy, +0.35 s on every `loraplex` command
+(`--help` included) when imported here, since cli.py imports this module to build
+its parser (measured with `python -X importtime`).
 """
 
 from __future__ import annotations
@@ -13,17 +18,30 @@ import sys
 import typing
 from pathlib import Path
 
+from safetensors import safe_open
+
+from loraplex.adapters.blob_store import StoreUnavailable
+from loraplex.adapters.compat import BaseModelRef
+from loraplex.adapters.manifest import sha256_file
+from loraplex.adapters.names import InvalidAdapterName
+from loraplex.adapters.refs import parse_adapter_ref, parse_registry_name, parse_version
+from loraplex.base_model import COMPLETE_MARKER, base_model_dir
+from loraplex.cli_flags import add_settings_flags, settings_from_args
 from loraplex.settings import ServeSettings
+
+if typing.TYPE_CHECKING:
+    from loraplex.adapters.registry import Registry
 
 log = logging.getLogger("loraplex.cli")
 
-# The settings a registry command needs; all of them are also LORAPLEX_* variables.
-_REGISTRY_FLAGS = (
+# The settings a registry command reads, each also one of its flags.
+REGISTRY_FLAGS = (
     "database_url",
     "registry_store",
     "registry_s3_endpoint_url",
     "registry_cache_dir",
     "base_model",
+    "model_cache",
     "max_lora_rank",
     "registry_max_adapter_mib",
 )
@@ -31,28 +49,10 @@ EXIT_REFUSED = 2
 EXIT_UNAVAILABLE = 3
 
 
-def _add_flags(parser: argparse.ArgumentParser) -> None:
-    for name in _REGISTRY_FLAGS:
-        field = ServeSettings.model_fields[name]
-        kwargs: dict[str, typing.Any] = {"dest": name, "default": None}
-        choices = typing.get_args(field.annotation)
-        if typing.get_origin(field.annotation) is typing.Literal:
-            kwargs.update(choices=choices, type=type(choices[0]))
-        elif field.annotation in (int, float, Path):
-            kwargs["type"] = field.annotation
-        kwargs["help"] = f"{field.description or ''} [env LORAPLEX_{name.upper()}]"
-        parser.add_argument(f"--{name.replace('_', '-')}", **kwargs)
+def _open(args: argparse.Namespace) -> Registry:
+    from loraplex.adapters.registry import Registry, RegistryConfig  # SQLAlchemy: see top
 
-
-def _settings(args: argparse.Namespace) -> ServeSettings:
-    overrides = {n: getattr(args, n) for n in _REGISTRY_FLAGS if getattr(args, n) is not None}
-    return ServeSettings(**overrides)
-
-
-def _open(args: argparse.Namespace):  # type: ignore[no-untyped-def]
-    from loraplex.adapters.registry import Registry, RegistryConfig
-
-    return Registry.open(RegistryConfig.from_settings(_settings(args)))
+    return Registry.open(RegistryConfig.from_settings(settings_from_args(args)))
 
 
 def _err(message: str) -> None:
@@ -61,11 +61,10 @@ def _err(message: str) -> None:
 
 def _run(args: argparse.Namespace, action: typing.Callable[[], int]) -> int:
     """Map registry errors to messages and exit codes, in one place."""
+    # SQLAlchemy (and the catalog built on it): see the module docstring.
     from sqlalchemy.exc import SQLAlchemyError
 
-    from loraplex.adapters.blob_store import StoreUnavailable
     from loraplex.adapters.catalog import CatalogConflict, CatalogLookupError
-    from loraplex.adapters.names import InvalidAdapterName
     from loraplex.adapters.publish import PublishRejected
 
     try:
@@ -81,35 +80,21 @@ def _run(args: argparse.Namespace, action: typing.Callable[[], int]) -> int:
         return EXIT_UNAVAILABLE
 
 
-def served_base(settings: ServeSettings) -> tuple[typing.Any, set[str] | None]:
+def served_base(settings: ServeSettings) -> tuple[BaseModelRef | None, set[str] | None]:
     """The served base model as the publish checks need it: (BaseModelRef | None, modules).
 
     None where the base is not a local folder (a hub id): those checks are skipped.
     """
-    from loraplex.adapters.compat import BaseModelRef
-
-    if not settings.base_model:
-        from loraplex.base_model import embedded_model_dir, pull_embedded_model
-
-        # Its marker (written after a verified pull) holds the hashes: no need to rehash.
-        folder = embedded_model_dir()
-        if not (folder / "loraplex-model.json").is_file():
-            folder = pull_embedded_model()
-    else:
-        folder = Path(settings.base_model)
+    folder = base_model_dir(settings.base_model, settings.model_cache)
     weights = folder / "model.safetensors"
     if not weights.is_file():
         return None, None
-    marker = folder / "loraplex-model.json"
+    marker = folder / COMPLETE_MARKER
     digest = None
     if marker.is_file():  # the pull recorded (and verified) every file's hash
         digest = json.loads(marker.read_text()).get("files", {}).get("model.safetensors")
     if digest is None:
-        from loraplex.adapters.manifest import sha256_file
-
         digest = sha256_file(weights)
-    from safetensors import safe_open
-
     with safe_open(str(weights), framework="numpy") as handle:
         # model.layers.N.self_attn.q_proj.weight → q_proj: what LoRA may target.
         modules = {
@@ -123,12 +108,11 @@ def served_base(settings: ServeSettings) -> tuple[typing.Any, set[str] | None]:
 
 
 def cmd_publish(args: argparse.Namespace) -> int:
-    from loraplex.adapters.publish import PublishChecks, publish_adapter
-    from loraplex.adapters.refs import parse_registry_name
+    from loraplex.adapters.publish import PublishChecks, publish_adapter  # SQLAlchemy: see top
 
     def action() -> int:
         name = parse_registry_name(args.name)
-        settings = _settings(args)
+        settings = settings_from_args(args)
         base, modules = served_base(settings)
         if base is None:
             print(
@@ -181,8 +165,6 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def cmd_alias(args: argparse.Namespace) -> int:
-    from loraplex.adapters.refs import parse_adapter_ref, parse_version
-
     def action() -> int:
         ref = parse_adapter_ref(args.ref)
         if ref.alias is None:
@@ -198,8 +180,6 @@ def cmd_alias(args: argparse.Namespace) -> int:
 
 
 def cmd_rollback(args: argparse.Namespace) -> int:
-    from loraplex.adapters.refs import parse_registry_name
-
     def action() -> int:
         name = parse_registry_name(args.name)
         old, new = _open(args).catalog.rollback(name)
@@ -210,8 +190,6 @@ def cmd_rollback(args: argparse.Namespace) -> int:
 
 
 def cmd_delete(args: argparse.Namespace) -> int:
-    from loraplex.adapters.refs import parse_adapter_ref
-
     def action() -> int:
         ref = parse_adapter_ref(args.ref)
         if ref.version is None:
@@ -239,26 +217,26 @@ def add_registry_commands(adapters: typing.Any) -> None:
     )
     publish.add_argument("dir", type=Path, help="adapter folder (peft format)")
     publish.add_argument("--name", required=True, help="tenant/name")
-    _add_flags(publish)
+    add_settings_flags(publish, REGISTRY_FLAGS)
     publish.set_defaults(func=cmd_publish)
 
     listing = adapters.add_parser("list", help="list registry adapters, versions and aliases")
     listing.add_argument("--tenant", default=None, help="only this tenant's adapters")
     listing.add_argument("--json", action="store_true", help="machine-readable output")
-    _add_flags(listing)
+    add_settings_flags(listing, REGISTRY_FLAGS)
     listing.set_defaults(func=cmd_list)
 
     alias = adapters.add_parser("alias", help="point tenant/name@alias at a version")
     alias.add_argument("ref", help="tenant/name@alias")
     alias.add_argument("version", help="vN")
-    _add_flags(alias)
+    add_settings_flags(alias, REGISTRY_FLAGS)
     alias.set_defaults(func=cmd_alias)
 
     rollback = adapters.add_parser(
         "rollback", help="move @latest back to the version before the one it points at"
     )
     rollback.add_argument("name", help="tenant/name")
-    _add_flags(rollback)
+    add_settings_flags(rollback, REGISTRY_FLAGS)
     rollback.set_defaults(func=cmd_rollback)
 
     delete = adapters.add_parser(
@@ -270,5 +248,5 @@ def add_registry_commands(adapters: typing.Any) -> None:
     )
     delete.add_argument("ref", help="tenant/name:vN")
     delete.add_argument("--force", action="store_true", help="delete even if aliased")
-    _add_flags(delete)
+    add_settings_flags(delete, REGISTRY_FLAGS)
     delete.set_defaults(func=cmd_delete)

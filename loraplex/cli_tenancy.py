@@ -2,6 +2,11 @@
 
 They write the same database the router reads on every request, so changes (a new key,
 a revocation, a quota) take effect without restarting the router.
+
+The tenancy store and the database module are imported inside the functions that use
+them: they pull SQLAlchemy and Alembic, +0.5 s on every `loraplex` command (`--help`
+included) when imported here, since cli.py imports this module to build its parser
+(measured with `python -X importtime`).
 """
 
 from __future__ import annotations
@@ -14,17 +19,21 @@ import typing
 from collections.abc import Callable
 from datetime import datetime, timezone
 
-from loraplex.settings import ServeSettings
+from loraplex.cli_flags import add_settings_flags, settings_from_args
 
 if typing.TYPE_CHECKING:
     from loraplex.router.tenancy.store import TenancyStore
 
+# The limits of a quota, as `quotas set` flags and `--clear` values name them.
+QUOTA_LIMITS = ("requests-per-minute", "tokens-per-minute", "max-concurrent")
+
 
 def _store(args: argparse.Namespace) -> TenancyStore:
+    # SQLAlchemy and Alembic: see the module docstring.
     from loraplex.database import create_db_engine, migrate
     from loraplex.router.tenancy.store import TenancyStore
 
-    url = args.database_url or ServeSettings().resolved_database_url()
+    url = settings_from_args(args).resolved_database_url()
     engine = create_db_engine(url)
     migrate(engine)
     return TenancyStore(engine)
@@ -34,7 +43,7 @@ def _run(action: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Name
     """Store errors become `error: <field>: <message>` and exit status 2."""
 
     def run(args: argparse.Namespace) -> int:
-        from loraplex.router.tenancy.store import TenancyError
+        from loraplex.router.tenancy.store import TenancyError  # SQLAlchemy: see the top
 
         try:
             return action(args)
@@ -90,7 +99,7 @@ def cmd_tenants_delete(args: argparse.Namespace) -> int:
 
 @_run
 def cmd_keys_create(args: argparse.Namespace) -> int:
-    from loraplex.router.tenancy.store import TenancyError, parse_expiry
+    from loraplex.router.tenancy.store import TenancyError, parse_expiry  # SQLAlchemy: see top
 
     if (args.tenant is None) != args.admin:
         raise TenancyError("tenant", "give either --tenant NAME or --admin")
@@ -134,13 +143,21 @@ def cmd_keys_revoke(args: argparse.Namespace) -> int:
 
 @_run
 def cmd_quotas_set(args: argparse.Namespace) -> int:
-    quota = _store(args).set_quota(
-        args.tenant,
-        args.adapter or "",
-        requests_per_minute=args.requests_per_minute,
-        tokens_per_minute=args.tokens_per_minute,
-        max_concurrent=args.max_concurrent,
-    )
+    from loraplex.router.tenancy.store import TenancyError  # SQLAlchemy: see the top
+
+    # Only what is passed changes: a limit given is set, one named by --clear is removed,
+    # the others keep their value.
+    limits: dict[str, int | None] = {}
+    for flag in QUOTA_LIMITS:
+        field = flag.replace("-", "_")
+        value = getattr(args, field)
+        if value is not None and flag in args.clear:
+            raise TenancyError(field, f"both --{flag} and --clear {flag} given")
+        if value is not None:
+            limits[field] = value
+        elif flag in args.clear:
+            limits[field] = None
+    quota = _store(args).set_quota(args.tenant, args.adapter or "", **limits)
     scope = f"adapter {quota.adapter} for " if quota.adapter else ""
     print(f"quota set for {scope}tenant {quota.tenant}", file=sys.stderr)
     return 0
@@ -171,12 +188,7 @@ def cmd_quotas_delete(args: argparse.Namespace) -> int:
 
 
 def _common(parser: argparse.ArgumentParser, listing: bool = False) -> None:
-    parser.add_argument(
-        "--database-url",
-        default=None,
-        help="SQLAlchemy URL of the loraplex database [env LORAPLEX_DATABASE_URL; default: "
-        "SQLite file in ~/.cache/loraplex]",
-    )
+    add_settings_flags(parser, ["database_url"])
     if listing:
         parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
@@ -243,15 +255,22 @@ def add_tenancy_commands(commands: typing.Any) -> None:
     qset = quotas.add_parser(
         "set",
         help="set a tenant's (or one adapter's) limits",
-        description="Replaces the limits of the tenant, or of one adapter for that tenant "
-        "with --adapter. Limits left out are unlimited. Over a limit the API answers 429 "
-        "with Retry-After.",
+        description="Sets the limits given, for the tenant or, with --adapter, for one "
+        "adapter of that tenant; limits not given keep their value (none, for a new quota), "
+        "and --clear LIMIT removes one. Over a limit the API answers 429 with Retry-After.",
     )
     qset.add_argument("--tenant", required=True)
     qset.add_argument("--adapter", default=None, help="limit only this model name")
-    qset.add_argument("--requests-per-minute", type=_positive_int, default=None)
-    qset.add_argument("--tokens-per-minute", type=_positive_int, default=None)
-    qset.add_argument("--max-concurrent", type=_positive_int, default=None)
+    for flag in QUOTA_LIMITS:
+        qset.add_argument(f"--{flag}", type=_positive_int, default=None)
+    qset.add_argument(
+        "--clear",
+        action="append",
+        choices=QUOTA_LIMITS,
+        default=[],
+        metavar="LIMIT",
+        help=f"remove this limit (repeatable): {', '.join(QUOTA_LIMITS)}",
+    )
     _common(qset)
     qset.set_defaults(func=cmd_quotas_set)
     listing = quotas.add_parser("list", help="list quotas")

@@ -9,12 +9,16 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
 def default_cache_dir() -> Path:
     return Path.home() / ".cache" / "loraplex"
+
+
+def _default_registry_store() -> str:
+    return str(default_cache_dir() / "registry")
 
 
 class ServeSettings(BaseSettings):
@@ -30,6 +34,8 @@ class ServeSettings(BaseSettings):
     """Port the router listens on."""
     base_model: str = ""
     """Base model: a local Hugging Face folder or hub id. Empty = the embedded SmolLM2."""
+    model_cache: Path = Field(default_factory=lambda: default_cache_dir() / "models")
+    """Folder of the embedded SmolLM2: `loraplex model pull` writes it, the rest read it."""
     base_model_name: str = "SmolLM2-135M-Instruct"
     """Name clients send as `model` to reach the base model without an adapter."""
     adapters_dir: Path = Field(default_factory=lambda: default_cache_dir() / "adapters")
@@ -91,7 +97,7 @@ class ServeSettings(BaseSettings):
     """Window of the crash-loop count, in seconds."""
     database_url: str = ""
     """SQLAlchemy URL of the catalog/tenancy database; empty = SQLite file in the cache."""
-    registry_store: str = ""
+    registry_store: str = Field(default_factory=_default_registry_store)
     """Adapter registry blobs: a folder or s3://bucket/prefix; empty = <cache>/registry."""
     registry_s3_endpoint_url: str = ""
     """Endpoint of an S3-compatible store (MinIO, Ceph); empty = AWS. Credentials: AWS_* env."""
@@ -110,17 +116,31 @@ class ServeSettings(BaseSettings):
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     """Log level of the router (JSON lines on stderr)."""
 
+    @field_validator("max_lora_rank", mode="before")
+    @classmethod
+    def _rank_from_text(cls, value: object) -> object:
+        # A Literal of ints does not match the text of LORAPLEX_MAX_LORA_RANK=32 by itself.
+        return int(value) if isinstance(value, str) and value.strip().isdigit() else value
+
+    @field_validator("registry_store")
+    @classmethod
+    def _empty_store_is_the_default(cls, value: str) -> str:
+        # LORAPLEX_REGISTRY_STORE="" (a blank deploy variable) means the default, never `.`.
+        return value or _default_registry_store()
+
     def resolved_database_url(self) -> str:
         if self.database_url:
             return self.database_url
+        # Imported here: loraplex.database pulls SQLAlchemy and Alembic, +0.55 s on every
+        # `loraplex` command (measured with -X importtime), most of which never open it.
         from loraplex.database import sqlite_url
 
         return sqlite_url(default_cache_dir() / "loraplex.db")
 
     def base_model_path(self) -> str:
-        """The base model the backend loads, defaulting to the pulled SmolLM2."""
-        if self.base_model:
-            return self.base_model
-        from loraplex.base_model import embedded_model_dir
+        """The base model the backend loads: `base_model_dir` without pulling."""
+        # Imported here, not at the top: base_model.py imports this module (for the
+        # model_cache setting), so a top-level import would be a cycle.
+        from loraplex.base_model import base_model_dir
 
-        return str(embedded_model_dir())
+        return str(base_model_dir(self.base_model, self.model_cache, pull=False))

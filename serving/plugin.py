@@ -11,19 +11,31 @@ forwards), fetched and hash-verified into the local registry cache.
 On CPU platforms it also swaps vLLM's punica wrapper for loraplex's grouped one
 (serving/punica_cpu.py), unless `LORAPLEX_CPU_LORA_KERNELS=vllm`. GPU platforms
 keep vLLM's Triton kernels.
+
+Its configuration is ServeSettings, read from the same `LORAPLEX_*` variables as
+the router (`loraplex serve` passes them to the engine it starts), so both agree on
+the adapter folder, the registry store and its cache.
 """
 
 from __future__ import annotations
 
 import logging
-import os
-from pathlib import Path
+from typing import Any
+
+from vllm.lora.resolver import LoRAResolverRegistry
+from vllm.platforms import current_platform
+
+from loraplex.adapters.blob_cache import BlobCache
+from loraplex.adapters.blob_store import open_blob_store
+from loraplex.adapters.registry import RegistryConfig
+from loraplex.serving.registry_resolver import RegistryVersionResolver
+from loraplex.serving.store_resolver import LocalStoreResolver
+from loraplex.settings import ServeSettings
 
 log = logging.getLogger(__name__)
 
 RESOLVER_NAME = "loraplex-local-store"
 REGISTRY_RESOLVER_NAME = "loraplex-registry"
-CPU_KERNELS_ENV = "LORAPLEX_CPU_LORA_KERNELS"
 WRAPPERS = {
     "loraplex": "loraplex.serving.punica_cpu.FusedPunicaWrapperCPU",
     "loraplex-torch": "loraplex.serving.punica_cpu.GroupedPunicaWrapperCPU",
@@ -31,18 +43,14 @@ WRAPPERS = {
 
 
 def register() -> None:
-    _register_resolver()
-    _install_cpu_lora_kernels()
+    # An invalid LORAPLEX_* value fails here, naming the variable, before vLLM loads a model.
+    settings = ServeSettings()
+    register_resolvers(settings, LoRAResolverRegistry)
+    install_cpu_lora_kernels(settings.cpu_lora_kernels)
 
 
-def _install_cpu_lora_kernels() -> None:
-    choice = os.environ.get(CPU_KERNELS_ENV, "loraplex").strip().lower()
-    if choice not in (*WRAPPERS, "vllm"):
-        raise ValueError(
-            f"{CPU_KERNELS_ENV} must be one of {', '.join((*WRAPPERS, 'vllm'))}, got {choice!r}"
-        )
-    from vllm.platforms import current_platform
-
+def install_cpu_lora_kernels(choice: str) -> None:
+    """Make vLLM's CPU platform use loraplex's punica wrapper `choice` (`vllm`: its own)."""
     if choice == "vllm" or not current_platform.is_cpu():
         return
     wrapper = WRAPPERS[choice]
@@ -52,40 +60,23 @@ def _install_cpu_lora_kernels() -> None:
     log.info("loraplex: CPU multi-LoRA kernels enabled (%s)", wrapper)
 
 
-def _register_resolver() -> None:
-    from vllm.lora.resolver import LoRAResolverRegistry
+def registry_cache(settings: ServeSettings) -> BlobCache:
+    """The registry's disk cache over its store, where the router's registry has them."""
+    config = RegistryConfig.from_settings(settings)
+    store = open_blob_store(config.store, config.s3_endpoint_url)
+    return BlobCache(config.cache_dir, store, config.cache_bytes)
 
-    from loraplex.serving.registry_resolver import RegistryVersionResolver
-    from loraplex.serving.store_resolver import LocalStoreResolver
-    from loraplex.settings import default_cache_dir
 
-    root = Path(os.environ.get("LORAPLEX_ADAPTERS_DIR", default_cache_dir() / "adapters"))
-    if RESOLVER_NAME not in LoRAResolverRegistry.get_supported_resolvers():
-        LoRAResolverRegistry.register_resolver(RESOLVER_NAME, LocalStoreResolver(root))
-        log.info("loraplex: LoRA resolver registered for adapter store %s", root)
-    if REGISTRY_RESOLVER_NAME not in LoRAResolverRegistry.get_supported_resolvers():
-        cache = _registry_cache()
-        LoRAResolverRegistry.register_resolver(
-            REGISTRY_RESOLVER_NAME, RegistryVersionResolver(cache)
-        )
+def register_resolvers(settings: ServeSettings, resolvers: Any) -> None:
+    """Register both resolvers with `resolvers` (vLLM's LoRAResolverRegistry), once."""
+    if RESOLVER_NAME not in resolvers.get_supported_resolvers():
+        resolvers.register_resolver(RESOLVER_NAME, LocalStoreResolver(settings.adapters_dir))
+        log.info("loraplex: LoRA resolver registered for adapter store %s", settings.adapters_dir)
+    if REGISTRY_RESOLVER_NAME not in resolvers.get_supported_resolvers():
+        cache = registry_cache(settings)
+        resolvers.register_resolver(REGISTRY_RESOLVER_NAME, RegistryVersionResolver(cache))
         log.info(
             "loraplex: LoRA resolver registered for registry versions from %s (cache %s)",
             cache.store.describe(),
             cache.root,
         )
-
-
-def _registry_cache():  # type: ignore[no-untyped-def]
-    """The registry's disk cache and store, from the same LORAPLEX_REGISTRY_* settings as
-    the router (loraplex serve passes them to the backend)."""
-    from loraplex.adapters.blob_cache import BlobCache
-    from loraplex.adapters.blob_store import open_blob_store
-    from loraplex.adapters.registry import GIB
-    from loraplex.settings import ServeSettings, default_cache_dir
-
-    settings = ServeSettings()
-    store = open_blob_store(
-        settings.registry_store or default_cache_dir() / "registry",
-        settings.registry_s3_endpoint_url or None,
-    )
-    return BlobCache(settings.registry_cache_dir, store, int(settings.registry_cache_gib * GIB))

@@ -47,6 +47,8 @@ class KeyCreate(AdminBody):
 
 
 class QuotaSet(AdminBody):
+    """A field left out keeps its limit; a null removes it."""
+
     tenant: str = Field(min_length=1)
     adapter: str = ""
     requests_per_minute: int | None = None
@@ -165,14 +167,9 @@ def admin_router(store: TenancyStore) -> APIRouter:
     @router.put("/quotas")
     async def set_quota(request: Request) -> dict:
         body: QuotaSet = await parse_admin_body(request, QuotaSet)
-        quota = await _call(
-            store.set_quota,
-            body.tenant,
-            body.adapter,
-            requests_per_minute=body.requests_per_minute,
-            tokens_per_minute=body.tokens_per_minute,
-            max_concurrent=body.max_concurrent,
-        )
+        # Only the limits the body names change (exclude_unset tells absent from null).
+        changes = body.model_dump(exclude_unset=True, exclude={"tenant", "adapter"})
+        quota = await _call(store.set_quota, body.tenant, body.adapter, **changes)
         return quota_json(quota)
 
     @router.delete("/quotas")
