@@ -15,6 +15,7 @@ from loraplex.adapters.catalog import (
 from loraplex.adapters.names import InvalidAdapterName
 from loraplex.adapters.refs import AdapterRef, parse_adapter_ref, parse_registry_name
 from loraplex.database import create_db_engine, dispose_shared_engines
+from tests.unit.race_helpers import run_together
 
 BOT = parse_registry_name("acme/bot")
 D1, D2, D3 = "1" * 64, "2" * 64, "3" * 64
@@ -185,3 +186,17 @@ def test_bad_refs_are_rejected_with_the_reason(raw: str, reason: str):
 def test_registry_names_need_a_tenant():
     with pytest.raises(InvalidAdapterName, match="no tenant"):
         parse_registry_name("bot")
+
+
+def test_concurrent_publishes_and_alias_moves_all_succeed(catalog: Catalog):
+    """Publishers on several machines at once: every publish gets its own number, every
+    alias write lands (PostgreSQL has no single writer lock as SQLite does)."""
+    catalog.add_version(BOT, D1, 10, None)
+    digests = [f"{i:x}".rjust(64, "a") for i in range(8)]
+    outcomes = run_together(lambda i: catalog.add_version(BOT, digests[i], 10, None))
+    assert [o for o in outcomes if isinstance(o, Exception)] == []
+    assert sorted(record.number for record, _ in outcomes) == list(range(2, 10))
+    assert resolve(catalog, "acme/bot") == 9
+    outcomes = run_together(lambda i: catalog.set_alias(BOT, "stable", i + 1))
+    assert [o for o in outcomes if isinstance(o, Exception)] == []
+    assert resolve(catalog, "acme/bot@stable") in range(1, 9)

@@ -17,6 +17,7 @@ from loraplex.router.tenancy.store import (
     parse_expiry,
 )
 from tests.postgres_server import Databases
+from tests.unit.race_helpers import run_together
 from tests.unit.tenancy_helpers import Clock, migrated_store
 
 
@@ -152,3 +153,15 @@ def test_admin_key_setting_and_admin_keys_in_the_database(store: TenancyStore) -
 def test_tenant_may_use_own_and_shared_models(model: str, allowed: bool) -> None:
     assert may_use(Principal("tenant", "acme", 1), model, "base") is allowed
     assert may_use(Principal("admin"), model, "base")
+
+
+def test_concurrent_writes_end_as_if_one_after_another(store: TenancyStore) -> None:
+    """Routers (or admins) writing at the same moment: PostgreSQL has no single writer lock
+    as SQLite does, so each write must lock what it reads."""
+    outcomes = run_together(lambda i: store.create_tenant("acme"))
+    assert sum(not isinstance(o, Exception) for o in outcomes) == 1
+    assert all(isinstance(o, AlreadyExists) for o in outcomes if isinstance(o, Exception))
+    outcomes = run_together(lambda i: store.set_quota("acme", "acme/chat", max_concurrent=i + 1))
+    assert [o for o in outcomes if isinstance(o, Exception)] == []
+    [quota] = store.list_quotas("acme")
+    assert quota.max_concurrent in range(1, 9)
