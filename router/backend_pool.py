@@ -217,7 +217,9 @@ class BackendPool:
     def get(self, url: str) -> Replica:
         return self._replicas[url]
 
-    def _join(self, urls: Iterable[str]) -> None:
+    def _join(self, urls: Iterable[str], admitted: bool = True) -> list[Replica]:
+        """Add replicas; `admitted` False: they take traffic after their first passing probe."""
+        joined = []
         for url in urls:
             url = url.rstrip("/")
             if url in self._replicas:
@@ -227,11 +229,14 @@ class BackendPool:
                 BackendClient(url, timeout_s=self.timeout_s),
                 self._label(url),
                 HeldAdapters(self.max_held_adapters),
+                admitted=admitted,
             )
             self._replicas[url] = replica
-            BACKEND_UP.labels(replica.label).set(1)
+            joined.append(replica)
+            BACKEND_UP.labels(replica.label).set(1 if admitted else 0)
             log.info("backend joined", extra={"backend": url})
         self._update_counts()
+        return joined
 
     def _leave(self, urls: Iterable[str]) -> None:
         for url in urls:
@@ -241,9 +246,9 @@ class BackendPool:
             # Requests still running on it finish; its client closes once they have.
             self._retiring.append(replica)
             if replica.label != OVERFLOW_LABEL:
-                with contextlib.suppress(KeyError):
-                    BACKEND_UP.remove(replica.label)
-                    BACKEND_IN_FLIGHT.remove(replica.label)
+                for gauge in (BACKEND_UP, BACKEND_IN_FLIGHT):
+                    with contextlib.suppress(KeyError):
+                        gauge.remove(replica.label)
             log.warning("backend left", extra={"backend": url})
         self._update_counts()
 
@@ -261,8 +266,9 @@ class BackendPool:
     # ---- discovery -----------------------------------------------------------------------
 
     async def discover(self) -> None:
-        """Re-resolve the discovery name: new addresses join, vanished ones leave. A failed
-        lookup keeps the current set (a DNS hiccup must not empty the pool)."""
+        """Re-resolve the discovery name: new addresses join (and take traffic once their
+        first probe, right away, passes), vanished ones leave. A failed lookup keeps the
+        current set (a DNS hiccup must not empty the pool)."""
         if self.discovery is None:
             return
         host, port = self.discovery
@@ -273,14 +279,17 @@ class BackendPool:
             return
         current = {address_url(a, port) for a in addresses}
         self._leave([url for url in self._replicas if url not in current])
-        self._join(sorted(current))
+        joined = self._join(sorted(current), admitted=False)
+        await self._probe(joined)
         await self._close_retired()
 
     # ---- health --------------------------------------------------------------------------
 
     async def check_health(self) -> None:
         """Probe every replica once, concurrently."""
-        replicas = self.replicas
+        await self._probe(self.replicas)
+
+    async def _probe(self, replicas: list[Replica]) -> None:
         results = await asyncio.gather(*(r.client.is_healthy(2.0) for r in replicas))
         for replica, healthy in zip(replicas, results, strict=True):
             if replica.url not in self._replicas:
@@ -291,10 +300,15 @@ class BackendPool:
                 self._probe_failed(replica)
 
     def _probe_passed(self, replica: Replica) -> None:
+        # A replica never seen healthy (just joined) takes traffic at its first pass; one
+        # that was ejected only after readmit_after_successes in a row.
+        newcomer = not replica.proven
         replica.proven = True
         replica.consecutive_failures = 0
         replica.consecutive_successes += 1
-        if not replica.admitted and replica.consecutive_successes >= self.readmit_after_successes:
+        if not replica.admitted and (
+            newcomer or replica.consecutive_successes >= self.readmit_after_successes
+        ):
             replica.admitted = True
             # Most likely restarted: whatever it held is gone; its resolvers reload on demand.
             replica.held.clear()

@@ -82,29 +82,45 @@ def test_request_failures_eject_and_a_success_resets_the_count():
 
 
 def test_dns_discovery_joins_new_addresses_and_drops_vanished_ones():
-    answers = {"now": ["10.0.0.1", "10.0.0.2"]}
+    port = free_port()
+    answers: dict[str, list[str] | None] = {"now": ["127.0.0.1", "127.0.0.2"]}
 
-    async def resolver(host: str, port: int) -> list[str]:
-        assert (host, port) == ("vllm-headless", 8100)
+    async def resolver(host: str, port_: int) -> list[str]:
+        assert (host, port_) == ("vllm-headless", port)
         if answers["now"] is None:
             raise OSError("SERVFAIL")
         return answers["now"]
 
     async def scenario() -> None:
-        pool = BackendPool(discovery=("vllm-headless", 8100), resolver=resolver)
+        pool = BackendPool(discovery=("vllm-headless", port), resolver=resolver)
         await pool.discover()
-        assert [r.url for r in pool.replicas] == ["http://10.0.0.1:8100", "http://10.0.0.2:8100"]
-        kept = pool.get("http://10.0.0.2:8100")
-        answers["now"] = ["10.0.0.2", "fd00::3"]
+        assert [r.url for r in pool.up()] == [
+            f"http://127.0.0.1:{port}",
+            f"http://127.0.0.2:{port}",
+        ]
+        kept = pool.get(f"http://127.0.0.2:{port}")
+        kept.held.claim("lpx-one")
+        # One pod goes, a new one comes whose server does not answer yet (nothing on ::1).
+        answers["now"] = ["127.0.0.2", "::1"]
         await pool.discover()
-        assert [r.url for r in pool.replicas] == ["http://10.0.0.2:8100", "http://[fd00::3]:8100"]
-        assert pool.get("http://10.0.0.2:8100") is kept  # same replica, same record
+        assert [r.url for r in pool.replicas] == [
+            f"http://127.0.0.2:{port}",
+            f"http://[::1]:{port}",
+        ]
+        assert pool.up() == [kept] and "lpx-one" in kept.held  # same replica, same record
         answers["now"] = None  # a failed lookup must not empty the pool
         await pool.discover()
         assert len(pool.replicas) == 2
         await pool.close()
 
-    asyncio.run(scenario())
+    a, b = StubReplica("a", "127.0.0.1", port), StubReplica("b", "127.0.0.2", port)
+    a.start()
+    b.start()
+    try:
+        asyncio.run(scenario())
+    finally:
+        a.stop()
+        b.stop()
 
 
 def test_dns_discovery_resolves_for_real_and_probes_what_it_finds():

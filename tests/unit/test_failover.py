@@ -18,6 +18,7 @@ from loraplex.database import create_db_engine, migrate
 from loraplex.router.app import create_app
 from loraplex.router.metrics import (
     BACKEND_EJECTIONS,
+    BACKEND_IN_FLIGHT,
     BACKEND_RETRIES,
     BACKEND_UP,
     PICKER_DECISIONS,
@@ -153,6 +154,16 @@ def test_a_stream_broken_after_its_first_byte_ends_with_an_error_event(router: R
     assert events[2:] == ["[DONE]"]
     assert b.requests == []  # never retried: the client had part of an answer
     assert value(STREAM_INTERRUPTIONS) == interruptions + 1
+
+
+def test_no_request_is_left_counted_in_flight(router: Router):
+    a, _ = router.replicas
+    for mode, stream in [("ok", True), ("break", True), ("reset", False), ("status:400", False)]:
+        a.mode = mode
+        router.complete("demo/alpha", stream=stream)
+        router.complete(stream=stream)
+    for replica in router.replicas:
+        assert value(BACKEND_IN_FLIGHT, backend=replica.url) == 0
 
 
 # ---- the retry budget, and no replica at all ---------------------------------------------
