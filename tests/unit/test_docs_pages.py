@@ -3,11 +3,15 @@ is reachable from a README that stays short."""
 
 from __future__ import annotations
 
+import ast
 import re
 from pathlib import Path
 
+import yaml
+
+from loraplex.training.config import config_keys
 from tests.unit.deploy_support import router_metric_names
-from tests.unit.docs_markdown import ROOT, anchors, doc_pages, links
+from tests.unit.docs_markdown import ROOT, anchors, blocks, doc_pages, links
 
 README = ROOT / "README.md"
 README_MAX_LINES = 200
@@ -65,6 +69,31 @@ def test_metric_names_in_the_docs_are_ones_the_router_exports():
         if not _exported(name, exported)
     }
     assert not unknown, "\n".join(sorted(unknown))
+
+
+def _flat_keys(mapping: dict, prefix: str = "") -> set[str]:
+    keys = set()
+    for key, value in mapping.items():
+        if isinstance(value, dict):
+            keys |= _flat_keys(value, f"{prefix}{key}.")
+        else:
+            keys.add(f"{prefix}{key}")
+    return keys
+
+
+def test_python_and_yaml_blocks_parse_and_train_configs_use_real_keys():
+    """The SDK snippets are Python, and a train.yaml shown in the docs has only keys
+    `loraplex train` knows (a renamed config key fails here)."""
+    known = set(config_keys())
+    for page in doc_pages():
+        for block in blocks(page):
+            if block.language == "python":
+                ast.parse(block.text, filename=block.where)
+            elif block.language == "yaml":
+                data = yaml.safe_load(block.text)
+                if isinstance(data, dict) and "train_data" in data:
+                    unknown = _flat_keys(data) - known
+                    assert not unknown, f"{block.where}: not TrainConfig keys: {unknown}"
 
 
 def test_every_docs_page_is_linked_from_the_readme():
