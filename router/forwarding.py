@@ -52,6 +52,10 @@ log = logging.getLogger(__name__)
 
 _RETRIED_STATUSES = frozenset({502, 503})
 _DYING_ENGINE_STATUSES = frozenset({502, 503, 504})
+# vLLM answers the requests in flight when its engine core dies with a 500 carrying this
+# message (vllm/v1/engine/exceptions.py EngineDeadError), then its API server exits: no
+# answer was produced, so the request is retried like a 503 (seen with kill -9 of the core).
+_ENGINE_DEAD_MESSAGE = b"EngineCore encountered an issue"
 _EVENT_END = b"\n\n"
 _DONE = b"data: [DONE]"
 
@@ -215,6 +219,9 @@ class Forwarder:
             self.pool.record_failure(replica)
             error = _backend_error(status, content)
             return _Failed(f"status_{status}", status in _RETRIED_STATUSES, error)
+        if status == 500 and _ENGINE_DEAD_MESSAGE in content:
+            self.pool.record_failure(replica)
+            return _Failed("engine_dead", True, _backend_error(status, content))
         self.pool.record_success(replica)
         if status == 404 and call.adapter is not None:
             message, _ = error_detail(content)

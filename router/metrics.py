@@ -92,7 +92,8 @@ PICKER_DECISIONS = Counter(
 BACKEND_RETRIES = Counter(
     "loraplex_backend_retries",
     "Requests retried on another replica, by what failed on the first: connect, reset, "
-    "status_502, status_503 (504 and read timeouts are never retried: the request may have run).",
+    "status_502, status_503, engine_dead (vLLM's 500 when its engine core died) (504 and read "
+    "timeouts are never retried: the request may have run).",
     ["reason"],
 )
 RETRY_BUDGET_EXHAUSTED = Counter(
