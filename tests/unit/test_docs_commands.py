@@ -19,6 +19,7 @@ import contextlib
 import doctest
 import io
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -37,6 +38,7 @@ from tests.unit.docs_markdown import (
     blocks,
     doc_pages,
     logical_lines,
+    prose,
     shell_texts,
     steps,
 )
@@ -45,6 +47,9 @@ from tests.unit.docs_markdown import (
 NOT_COMMANDS = {"loraplex ready"}  # the log line `loraplex serve` writes once it serves
 _SHELL_SYNTAX = set("$~|;&<>`*(){}")
 _SEPARATORS = ("&&", "||", "|", ";", "$(", "`")
+# Flags of other tools that the docs name on their own (not after a command).
+OTHER_TOOLS_FLAGS = {"--scale"}  # docker compose up --scale backend=2
+_INLINE_FLAG = re.compile(r"`(--[a-z][a-z0-9._-]*\*?)")
 _MATCH = doctest.OutputChecker()
 _OPTIONS = doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE
 
@@ -183,6 +188,42 @@ def test_every_loraplex_command_in_the_docs_exists():
                 for problem in _cli_problems(words, root):
                     problems.append(f"{page.relative_to(ROOT)}: {problem}")
     assert not problems, "\n".join(sorted(set(problems)))
+
+
+def _all_options(parser: argparse.ArgumentParser) -> set[str]:
+    options = set(parser._option_string_actions)
+    for sub in _subcommands(parser).values():
+        options |= _all_options(sub)
+    return options
+
+
+def _bench_flags() -> set[str]:
+    """Flags the benchmark scripts define (`"--stub-only"` in their source)."""
+    return {
+        flag
+        for script in (ROOT / "bench").glob("*.py")
+        for flag in re.findall(r"[\"'](--[a-z][a-z0-9-]*)[\"']", script.read_text())
+    }
+
+
+def test_every_flag_named_on_its_own_exists():
+    """`--max-loras` in a sentence is a flag of some loraplex command, of the vLLM command
+    `loraplex serve` runs, or of a benchmark script; `--registry-*` a family of them."""
+    known = (
+        _all_options(build_parser())
+        | {w for w in vllm_command(ServeSettings()) if w.startswith("--")}
+        | _bench_flags()
+        | OTHER_TOOLS_FLAGS
+    )
+    unknown = set()
+    for page in doc_pages():
+        for flag in _INLINE_FLAG.findall(prose(page)):
+            exists = (
+                any(k.startswith(flag[:-1]) for k in known) if flag.endswith("*") else flag in known
+            )
+            if not exists:
+                unknown.add(f"{page.relative_to(ROOT)}: {flag}")
+    assert not unknown, "\n".join(sorted(unknown))
 
 
 def test_the_flag_check_catches_a_renamed_flag_and_command():
