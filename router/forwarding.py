@@ -54,7 +54,8 @@ _RETRIED_STATUSES = frozenset({502, 503})
 _DYING_ENGINE_STATUSES = frozenset({502, 503, 504})
 # vLLM answers the requests in flight when its engine core dies with a 500 carrying this
 # message (vllm/v1/engine/exceptions.py EngineDeadError), then its API server exits: no
-# answer was produced, so the request is retried like a 503 (seen with kill -9 of the core).
+# answer was produced, so the request is retried like a 503 (seen with kill -9 of the core),
+# and where no other replica can take it the client gets a 503 with Retry-After.
 _ENGINE_DEAD_MESSAGE = b"EngineCore encountered an issue"
 _EVENT_END = b"\n\n"
 _DONE = b"data: [DONE]"
@@ -221,7 +222,13 @@ class Forwarder:
             return _Failed(f"status_{status}", status in _RETRIED_STATUSES, error)
         if status == 500 and _ENGINE_DEAD_MESSAGE in content:
             self.pool.record_failure(replica)
-            return _Failed("engine_dead", True, _backend_error(status, content))
+            error = APIError(
+                503,
+                "Backend unavailable: its engine died; retry shortly.",
+                code="backend_unavailable",
+                headers={"Retry-After": str(self.retry_after_s)},
+            )
+            return _Failed("engine_dead", True, error)
         self.pool.record_success(replica)
         if status == 404 and call.adapter is not None:
             message, _ = error_detail(content)
