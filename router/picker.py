@@ -68,13 +68,15 @@ class NoReplica(Exception):
     """No replica is left to pick: none given, or all of them excluded."""
 
 
-def rendezvous_score(adapter_id: str, replica: str) -> int:
-    """The stable 64-bit weight of `replica` for `adapter_id`; the highest weight is home.
+def rendezvous_score(adapter_id: str, replica: str) -> float:
+    """The stable weight of `replica` for `adapter_id`; the highest weight is home.
 
-    The NUL separator keeps ("ab", "c") and ("a", "bc") apart.
+    53 bits of blake2b as a float, exact (so the same in every process): CPython sorts a
+    list of floats with a specialised compare, unlike ints above 2**30. The NUL separator
+    keeps ("ab", "c") and ("a", "bc") apart.
     """
     digest = hashlib.blake2b(f"{adapter_id}\0{replica}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "big")
+    return float(int.from_bytes(digest, "big") >> 11)
 
 
 def _eligible(replicas: Sequence[ReplicaState], exclude: frozenset[str]) -> Sequence[ReplicaState]:
@@ -93,14 +95,14 @@ def _least_loaded(replicas: Sequence[ReplicaState]) -> ReplicaState:
     return best
 
 
-class _Scores(dict[str, int]):
+class _Scores(dict[str, float]):
     """One adapter's rendezvous scores by replica name, each hashed on first use."""
 
     def __init__(self, adapter_id: str) -> None:
         super().__init__()
         self.adapter_id = adapter_id
 
-    def __missing__(self, replica: str) -> int:
+    def __missing__(self, replica: str) -> float:
         score = self[replica] = rendezvous_score(self.adapter_id, replica)
         return score
 
