@@ -3,7 +3,9 @@
 Replicas 4 / 16 / 64 x 1,000 adapters. Each replica holds 32 adapters (vLLM's
 `max_cpu_loras`) and has 0-8 requests in flight; requests name a random adapter (one in
 ten the base model) with 0-12 of its requests already in flight, so every branch of the
-rule runs (home, wider candidate sets, spill). Per-call times from `perf_counter_ns`:
+rule runs (home, wider candidate sets, spill) and most adapter decisions need the full
+rendezvous order, not just the home: a harder mix than steady traffic, where most
+adapters have few requests in flight. Per-call times from `perf_counter_ns`:
 
 - warm: after one decision per adapter (the steady state, rendezvous scores cached);
 - cold: the first decision for each adapter on a fresh picker (every score hashed).
@@ -22,6 +24,7 @@ import json
 import os
 import random
 import time
+from collections import Counter
 from pathlib import Path
 
 from bench_common import machine, percentile
@@ -88,7 +91,8 @@ def measure(count: int, calls: int, seed: int) -> dict:
         cold = time_calls(picker, replicas, [(a, 0) for a in adapters])
         time_calls(picker, replicas, requests[: calls // 10])  # warm the interpreter
         warm = time_calls(picker, replicas, requests)
-        row[label] = {"warm": summary(warm), "cold": summary(cold)}
+        kinds = Counter(picker.pick(a, replicas, n).kind for a, n in requests)
+        row[label] = {"warm": summary(warm), "cold": summary(cold), "decisions": dict(kinds)}
     return row
 
 
