@@ -35,6 +35,8 @@ class StubReplica:
         self.port = port or free_port()
         self.mode = "ok"
         self.healthy = True
+        self.event_delay_s = 0.0
+        """Pause before each streamed event (a slow engine)."""
         self.requests: list[str] = []
         """`model` of every completion request, in order."""
         self.metrics_text = f'# HELP vllm:up Up.\n# TYPE vllm:up gauge\nvllm:up{{r="{name}"}} 1\n'
@@ -152,6 +154,7 @@ class StubReplica:
             {"model": model, "choices": [], "usage": USAGE},
         ]
         for number, event in enumerate(events):
+            await asyncio.sleep(self.event_delay_s)
             await self._chunk(writer, b"data: " + json.dumps(event).encode() + b"\n\n")
             if mode == "break" and number == 0:
                 await asyncio.sleep(0.05)

@@ -5,13 +5,16 @@ quota charge per retried request, /ready and /health, and adapter affinity end t
 from __future__ import annotations
 
 import json
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import httpx
 import pytest
 import sqlalchemy as sa
+import uvicorn
 from fastapi.testclient import TestClient
 
 from loraplex.database import create_db_engine, migrate
@@ -28,6 +31,7 @@ from loraplex.router.metrics import (
 from loraplex.router.picker import rendezvous_score
 from loraplex.router.tenancy.store import TenancyStore, quotas
 from loraplex.settings import ServeSettings
+from tests.unit.registry_helpers import free_port
 from tests.unit.stub_replica import StubReplica, closed_port_url, stub_replicas
 
 
@@ -164,6 +168,32 @@ def test_no_request_is_left_counted_in_flight(router: Router):
         router.complete(stream=stream)
     for replica in router.replicas:
         assert value(BACKEND_IN_FLIGHT, backend=replica.url) == 0
+
+
+def test_a_client_leaving_a_stream_frees_its_replica(tmp_path: Path):
+    with stub_replicas("a") as (a,):
+        a.event_delay_s = 1.0  # the whole stream would take 3 s
+        app = create_app(make_settings(tmp_path), [a.url])
+        port = free_port()
+        server = uvicorn.Server(uvicorn.Config(app, port=port, log_level="error"))
+        thread = threading.Thread(target=server.run, daemon=True)
+        thread.start()
+        try:
+            while not server.started:
+                time.sleep(0.02)
+            body = {"model": "base", "prompt": "x", "stream": True}
+            url = f"http://127.0.0.1:{port}/v1/completions"
+            with httpx.stream("POST", url, json=body, timeout=10) as response:
+                lines = response.iter_lines()  # held: a dropped iterator closes the stream
+                assert next(lines).startswith("data: ")
+                assert value(BACKEND_IN_FLIGHT, backend=a.url) == 1
+            deadline = time.monotonic() + 1.0  # before the stream would have ended
+            while value(BACKEND_IN_FLIGHT, backend=a.url) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert value(BACKEND_IN_FLIGHT, backend=a.url) == 0
+        finally:
+            server.should_exit = True
+            thread.join(10)
 
 
 # ---- the retry budget, and no replica at all ---------------------------------------------
