@@ -5,11 +5,14 @@ database once, on SQLite and on PostgreSQL."""
 from __future__ import annotations
 
 import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
 from alembic import command
+from alembic.script import ScriptDirectory
 from fastapi.testclient import TestClient
 from sqlalchemy import event
 
@@ -75,3 +78,20 @@ def test_a_new_process_migrates_a_current_schema_without_change(database_url: st
     assert again is not engine
     with again.connect() as conn:
         assert conn.exec_driver_sql("SELECT name FROM tenants").scalars().all() == ["acme"]
+
+
+def test_processes_starting_together_on_an_empty_database_all_start(database_url: str) -> None:
+    """Router replicas (or workers) started at once: one migrates, the others wait for it."""
+    code = "import sys; from loraplex.database import shared_engine; shared_engine(sys.argv[1])"
+    starts = [
+        subprocess.Popen(
+            [sys.executable, "-c", code, database_url], stderr=subprocess.PIPE, text=True
+        )
+        for _ in range(3)
+    ]
+    errors = [p.communicate(timeout=120)[1] for p in starts]
+    assert [p.returncode for p in starts] == [0, 0, 0], errors
+    with database.shared_engine(database_url).connect() as conn:
+        heads = conn.exec_driver_sql("SELECT version_num FROM alembic_version").scalars().all()
+    newest = ScriptDirectory.from_config(database.alembic_config(database_url)).get_heads()
+    assert sorted(heads) == sorted(newest)
