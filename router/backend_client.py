@@ -16,7 +16,7 @@ from loraplex.router.errors import APIError
 
 _FORWARDED_HEADERS = {"content-type": "application/json"}
 
-FailureReason = Literal["connect", "reset", "timeout"]
+FailureReason = Literal["connect", "reset", "timeout", "engine_dead"]
 
 
 class BackendFailure(Exception):
@@ -27,7 +27,8 @@ class BackendFailure(Exception):
         self.reason = reason
         """connect: the request never reached the server (safe to send elsewhere);
         reset: the connection broke before a complete answer; timeout: no answer in time
-        (the request may have run, so it is never sent again)."""
+        (the request may have run, so it is never sent again); engine_dead: the server
+        answered that its engine died before producing anything."""
         self.detail = detail
         self.retry_after_s = retry_after_s
 

@@ -182,6 +182,11 @@ class Forwarder:
                 if call.stream and response.status_code == 200:
                     chunks = aiter(response.aiter_raw())
                     first = await _first_chunk(response, chunks)
+                    if _ENGINE_DEAD_MESSAGE in first:
+                        # The engine died before this stream's first token: vLLM sends its
+                        # error as the first event. Nothing reached the client yet.
+                        await response.aclose()
+                        raise BackendFailure("engine_dead", "the engine died (stream)")
                     self.pool.record_success(replica)
                     self._loaded(replica, call, loading, ok=True, started=started)
                     handed_over = True

@@ -11,7 +11,9 @@ Modes (`replica.mode`):
 - "status:NNN": an OpenAI-shaped error with that status;
 - "reset": the connection is reset before any answer;
 - "headers-only": a streamed 200 whose connection is reset before the first byte of body;
-- "break": the first event of the answer, then a reset.
+- "break": the first event of the answer, then a reset;
+- "engine-dead": what vLLM answers when its engine core dies: a 500 with its
+  EngineDeadError message, or for a stream that error as the first event.
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ from contextlib import contextmanager
 from tests.unit.registry_helpers import free_port
 
 USAGE = {"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7}
+# vllm/v1/engine/exceptions.py EngineDeadError
+ENGINE_DEAD = "EngineCore encountered an issue. See stack trace (above) for the root cause."
 
 
 class StubReplica:
@@ -129,6 +133,10 @@ class StubReplica:
             error = {"error": {"message": f"{self.name} says {status}", "type": "X"}}
             await self._respond(writer, status, json.dumps(error).encode())
             return
+        dead = {"error": {"message": ENGINE_DEAD, "type": "InternalServerError", "code": 500}}
+        if mode == "engine-dead" and not request.get("stream"):
+            await self._respond(writer, 500, json.dumps(dead).encode())
+            return
         if not request.get("stream"):
             answer = {
                 "id": "cmpl-1",
@@ -147,6 +155,12 @@ class StubReplica:
         if mode == "headers-only":
             await asyncio.sleep(0.05)
             writer.transport.abort()
+            return
+        if mode == "engine-dead":
+            await self._chunk(writer, b"data: " + json.dumps(dead).encode() + b"\n\n")
+            await self._chunk(writer, b"data: [DONE]\n\n")
+            writer.write(b"0\r\n\r\n")
+            await writer.drain()
             return
         events = [
             {"model": model, "choices": [{"index": 0, "text": self.name}]},

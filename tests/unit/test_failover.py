@@ -88,6 +88,7 @@ FAILURES = [
     ("reset", "reset"),
     ("status:502", "status_502"),
     ("status:503", "status_503"),
+    ("engine-dead", "engine_dead"),
 ]
 
 
@@ -143,6 +144,28 @@ def test_a_stream_failing_before_its_first_byte_is_retried(router: Router):
     assert events[-1] == "data: [DONE]"
     assert json.loads(events[0][6:])["choices"][0]["text"] == "b"
     assert a.requests == ["base"] and b.requests == ["base"]
+
+
+def test_a_stream_whose_engine_died_before_its_first_token_is_retried(router: Router):
+    a, b = router.replicas
+    a.mode = "engine-dead"
+    retries = value(BACKEND_RETRIES, reason="engine_dead")
+    response = router.complete(stream=True)
+    assert response.status_code == 200
+    assert "EngineCore" not in response.text
+    assert json.loads(response.text.split("data: ")[1])["choices"][0]["text"] == "b"
+    assert value(BACKEND_RETRIES, reason="engine_dead") == retries + 1
+    assert a.requests == ["base"] and b.requests == ["base"]
+
+
+def test_a_dead_engine_with_nowhere_else_to_go_is_503_with_retry_after(tmp_path: Path):
+    with stub_replicas("a") as (a,):
+        a.mode = "engine-dead"
+        with TestClient(create_app(make_settings(tmp_path), [a.url])) as client:
+            response = client.post("/v1/completions", json={"model": "base", "prompt": "x"})
+        assert response.status_code == 503
+        assert response.json()["error"]["code"] == "backend_unavailable"
+        assert "retry-after" in response.headers
 
 
 def test_a_stream_broken_after_its_first_byte_ends_with_an_error_event(router: Router):
