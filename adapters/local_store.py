@@ -6,7 +6,6 @@ to lie inside the root, so a request can never make the server read elsewhere.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -61,7 +60,3 @@ class LocalAdapterStore:
             if adapter is not None:
                 found.append(adapter)
         return sorted(found, key=lambda a: a.id)
-
-
-def read_adapter_config(path: Path) -> dict:
-    return json.loads((path / ADAPTER_CONFIG).read_text())

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from safetensors import safe_open
+
 from loraplex.adapters.blob_store import BlobStore
 from loraplex.adapters.catalog import Catalog, VersionRecord
 from loraplex.adapters.compat import BaseModelRef, check_adapter_config
@@ -108,8 +110,6 @@ def check_adapter_dir(path: Path, checks: PublishChecks) -> CheckedAdapter:
 
 
 def _check_safetensors(file: Path) -> list[str]:
-    from safetensors import safe_open
-
     try:
         with safe_open(str(file), framework="numpy") as handle:
             keys = list(handle.keys())

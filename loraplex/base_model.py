@@ -115,6 +115,8 @@ def pull_embedded_model(target: Path | None = None, force: bool = False) -> Path
     try:
         with tqdm(total=len(steps), desc="model pull", unit="step") as bar:
             bar.set_postfix_str(steps[0])
+            # Imported here: transformers (with torch) takes 5-20 s to import on this machine
+            # (-X importtime), and the CLI imports this module for every command.
             from transformers import AutoModelForCausalLM, AutoTokenizer
 
             gguf_dir, gguf_name = str(gguf_path.parent), gguf_path.name

@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 
 from loraplex.serving.cpu_lora_ops import rows_by_slot, weights_state
+from loraplex.settings import default_cache_dir
 
 log = logging.getLogger(__name__)
 
@@ -162,8 +163,6 @@ def build(cache_dir: Path) -> Path:
 @functools.cache
 def load_kernel() -> NativeKernel | None:
     """The kernel, built on first use; None (with a warning) when it cannot be built."""
-    from loraplex.settings import default_cache_dir
-
     try:
         path = build(default_cache_dir() / "kernels")
         kernel = NativeKernel(ctypes.CDLL(str(path)))

@@ -15,11 +15,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from peft import LoraConfig, get_peft_model
+from transformers import AutoModelForCausalLM
+
+from loraplex.training.config import LLAMA_PROJECTIONS
 
 log = logging.getLogger(__name__)
 
-# Every linear projection of the Llama architecture (attention and MLP).
-LLAMA_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 DEMO_MARKER = "loraplex-demo.json"
 
 
@@ -40,9 +42,6 @@ DEMO_ADAPTERS = (
 
 def build_demo_adapter(base_model_dir: Path, spec: DemoAdapterSpec, out_dir: Path) -> Path:
     """Write one seeded adapter in standard peft format into `out_dir`."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
     model = AutoModelForCausalLM.from_pretrained(base_model_dir, dtype=torch.float32)
     config = LoraConfig(
         r=spec.rank,

@@ -17,7 +17,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from peft import PeftModel
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from loraplex.adapters.manifest import MANIFEST_FILE, read_manifest, sha256_file
+from loraplex.base_model import base_model_dir
 from loraplex.training.data import Example, read_examples
 
 Scorer = Callable[[str, str], float]
@@ -135,11 +139,6 @@ def evaluate_adapter(
     adapter's manifest.json when it has one. `write_manifest` records the scores in it
     (checked before any model is loaded: the manifest must exist and use this metric).
     """
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from loraplex.adapters.manifest import MANIFEST_FILE, read_manifest
-
     training: dict[str, Any] = {}
     manifest_path = adapter_dir / MANIFEST_FILE
     if manifest_path.is_file():
@@ -158,12 +157,7 @@ def evaluate_adapter(
         )
     max_new_tokens = max_new_tokens or eval_settings.get("max_new_tokens", 48)
     if base_model is None:
-        if training.get("base_model"):
-            base_model = Path(training["base_model"])
-        else:
-            from loraplex.base_model import pull_embedded_model
-
-            base_model = pull_embedded_model()
+        base_model = base_model_dir(training.get("base_model") or "")
     examples = read_examples(data)[:max_examples]
     shots: list[Example] = []
     if few_shot:
@@ -194,8 +188,6 @@ def record_eval(adapter_dir: Path, data: Path, results: dict[str, float], exampl
     The whole `eval` mapping is replaced, so no score from another data file or
     another k of few-shot stays beside the new ones.
     """
-    from loraplex.adapters.manifest import read_manifest, sha256_file
-
     manifest = read_manifest(adapter_dir)
     dataset = manifest.dataset.model_copy(
         update={"eval_sha256": sha256_file(data), "eval_examples": examples}

@@ -20,7 +20,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from peft import LoraConfig, get_peft_model
 from tqdm import tqdm
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from loraplex.adapters.compat import ensure_servable
 from loraplex.adapters.manifest import (
@@ -30,6 +32,7 @@ from loraplex.adapters.manifest import (
     sha256_bytes,
     sha256_file,
 )
+from loraplex.base_model import base_model_dir, weights_hash
 from loraplex.training.config import TrainConfig
 from loraplex.training.data import (
     DataError,
@@ -53,14 +56,6 @@ class RunResult:
     state: TrainState
     eval: dict[str, float]
     train_seconds: float
-
-
-def resolve_base_model(config: TrainConfig) -> Path:
-    if config.base_model:
-        return Path(config.base_model)
-    from loraplex.base_model import pull_embedded_model
-
-    return pull_embedded_model()
 
 
 def pick_device(config: TrainConfig, ranks: Ranks = SINGLE) -> torch.device:
@@ -104,8 +99,6 @@ def split_data(config: TrainConfig) -> tuple[list[Example], list[Example]]:
 
 
 def load_base(base_dir: Path, device: torch.device) -> tuple[Any, Any]:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
     model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).to(device)
     return model, tokenizer
@@ -161,8 +154,6 @@ def evaluate_settings(
 
 def train_task(config: TrainConfig, on_step: Any = None) -> RunResult:
     """Train, evaluate and write one adapter; see the module docstring for the files."""
-    from peft import LoraConfig, get_peft_model
-
     run_dir = config.run_dir
     ranks = launched_ranks()
     device = pick_device(config, ranks)
@@ -174,7 +165,7 @@ def train_task(config: TrainConfig, on_step: Any = None) -> RunResult:
         torch.set_num_threads(config.cpu_threads)
     # Data errors surface before any model is loaded.
     train, evaluation = split_data(config)
-    base_dir = resolve_base_model(config)
+    base_dir = base_model_dir(config.base_model)
     model, tokenizer = load_base(base_dir, device)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
@@ -245,8 +236,6 @@ def train_task(config: TrainConfig, on_step: Any = None) -> RunResult:
     plot_losses(state.history, run_dir / LOSS_PLOT_FILE, config.name)
     if results:
         tqdm.write(compare_table(config.eval.metric, results))
-
-    from loraplex.base_model import weights_hash
 
     tokenizer_hash, template_hash = _tokenizer_hashes(base_dir, tokenizer)
     AdapterManifest(

@@ -66,7 +66,8 @@ def test_refuses_open_access_on_a_public_address(tmp_path: Path) -> None:
 
 
 def test_public_address_serves_with_explicit_open_access(tmp_path: Path) -> None:
-    process, url = _serve(tmp_path, "--host", "0.0.0.0", "--allow-open-access", "true")
+    # A switch, like every boolean setting (it took a value before issue 11).
+    process, url = _serve(tmp_path, "--host", "0.0.0.0", "--allow-open-access")
     try:
         _wait_health(process, url)
         assert httpx.get(f"{url}/v1/models").status_code == 200
