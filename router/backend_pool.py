@@ -138,15 +138,21 @@ class Replica:
     """The `backend` label of its metrics (bounded)."""
     held: HeldAdapters
     in_flight: int = 0
-    adapter_in_flight: Counter[str] = field(default_factory=Counter)
     admitted: bool = True
     proven: bool = False
     """Seen healthy at least once."""
     consecutive_failures: int = 0
     consecutive_successes: int = 0
+    _state: ReplicaState | None = field(default=None, repr=False)
 
     def state(self) -> ReplicaState:
-        return ReplicaState(self.url, self.in_flight, self.held.frozen())
+        """The picker's snapshot, rebuilt only when in-flight or the record changed (every
+        request snapshots every replica; most are unchanged since the last request)."""
+        holds = self.held.frozen()
+        state = self._state
+        if state is None or state.in_flight != self.in_flight or state.holds is not holds:
+            state = self._state = ReplicaState(self.url, self.in_flight, holds)
+        return state
 
 
 class BackendPool:
@@ -174,6 +180,9 @@ class BackendPool:
         self.readmit_after_successes = readmit_after_successes
         self._label = LabelLimiter("backend", max_labels)
         self._replicas: dict[str, Replica] = {}
+        self._up: list[Replica] | None = None  # cached; None after any change of the set
+        # Requests in flight per adapter id, over all replicas (the picker's spill input).
+        self._adapter_in_flight: Counter[str] = Counter()
         self._retiring: list[Replica] = []
         self._tasks: list[asyncio.Task[None]] = []
         self._join(urls)
@@ -211,8 +220,10 @@ class BackendPool:
         return list(self._replicas.values())
 
     def up(self) -> list[Replica]:
-        """The replicas that may take traffic."""
-        return [r for r in self._replicas.values() if r.admitted]
+        """The replicas that may take traffic (do not modify the list)."""
+        if self._up is None:
+            self._up = [r for r in self._replicas.values() if r.admitted]
+        return self._up
 
     def get(self, url: str) -> Replica:
         return self._replicas[url]
@@ -259,6 +270,7 @@ class BackendPool:
             await replica.client.close()
 
     def _update_counts(self) -> None:
+        self._up = None
         up = sum(1 for r in self._replicas.values() if r.admitted)
         BACKEND_REPLICAS.labels("up").set(up)
         BACKEND_REPLICAS.labels("ejected").set(len(self._replicas) - up)
@@ -355,21 +367,21 @@ class BackendPool:
     def begin(self, replica: Replica, adapter_id: str | None) -> None:
         replica.in_flight += 1
         if adapter_id is not None:
-            replica.adapter_in_flight[adapter_id] += 1
+            self._adapter_in_flight[adapter_id] += 1
         BACKEND_IN_FLIGHT.labels(replica.label).set(replica.in_flight)
 
     def end(self, replica: Replica, adapter_id: str | None) -> None:
         replica.in_flight -= 1
         if adapter_id is not None:
-            replica.adapter_in_flight[adapter_id] -= 1
-            if replica.adapter_in_flight[adapter_id] <= 0:
-                del replica.adapter_in_flight[adapter_id]
-        if replica.url in self._replicas:
+            self._adapter_in_flight[adapter_id] -= 1
+            if self._adapter_in_flight[adapter_id] <= 0:
+                del self._adapter_in_flight[adapter_id]
+        if self._replicas.get(replica.url) is replica:
             BACKEND_IN_FLIGHT.labels(replica.label).set(replica.in_flight)
 
     def adapter_in_flight(self, adapter_id: str) -> int:
-        """This adapter's requests in flight on the replicas that take traffic."""
-        return sum(r.adapter_in_flight[adapter_id] for r in self._replicas.values() if r.admitted)
+        """This adapter's requests in flight, on all replicas."""
+        return self._adapter_in_flight.get(adapter_id, 0)
 
     # ---- lifecycle -----------------------------------------------------------------------
 

@@ -25,6 +25,7 @@ import math
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import get_args
 
 import anyio
 import httpx
@@ -44,7 +45,12 @@ from loraplex.router.metrics import (
     LabelLimiter,
 )
 from loraplex.router.model_rewrite import rename_model, rename_model_stream
-from loraplex.router.picker import AdapterAwarePicker, NoReplica, RoundRobinPicker
+from loraplex.router.picker import (
+    AdapterAwarePicker,
+    DecisionKind,
+    NoReplica,
+    RoundRobinPicker,
+)
 from loraplex.router.retry_budget import RetryBudget
 from loraplex.settings import ServeSettings
 
@@ -102,6 +108,8 @@ class Forwarder:
         self.budget = budget
         self.retry_after_s = retry_after_s
         self._adapter_label = LabelLimiter("adapter", max_adapter_labels)
+        # The counter's children, looked up once (labels() takes a lock on every call).
+        self._decisions = {kind: PICKER_DECISIONS.labels(kind) for kind in get_args(DecisionKind)}
 
     @classmethod
     def from_settings(
@@ -139,7 +147,7 @@ class Forwarder:
         up = self.pool.up()
         in_flight = self.pool.adapter_in_flight(adapter_id) if adapter_id is not None else 0
         decision = self.picker.pick(adapter_id, [r.state() for r in up], in_flight, tried)
-        PICKER_DECISIONS.labels(decision.kind).inc()
+        self._decisions[decision.kind].inc()
         return self.pool.get(decision.replica)
 
     async def forward(self, call: Call) -> Response:
