@@ -262,6 +262,20 @@ def test_replicas_failing_requests_are_ejected_and_skipped(tmp_path: Path):
             assert client.get("/ready").json()["replicas"] == {"up": 1, "total": 2}
 
 
+def test_backends_from_settings_by_url_list_and_by_dns(tmp_path: Path):
+    with stub_replicas("a", "b") as (a, b):
+        for source in (
+            {"backend_url": f"{a.url}, {b.url}/"},
+            {"backend_discovery": f"dns:localhost:{a.port}"},
+        ):
+            with TestClient(create_app(make_settings(tmp_path, **source))) as client:
+                ready = client.get("/ready").json()
+                response = client.post("/v1/completions", json={"model": "base", "prompt": "x"})
+            assert response.json()["choices"][0]["text"] in {"a", "b"}
+            # A list of two; `localhost` may also resolve to ::1, where nothing listens.
+            assert ready["replicas"]["up"] == (2 if "backend_url" in source else 1)
+
+
 # ---- quotas: one request, one charge ------------------------------------------------------
 
 
