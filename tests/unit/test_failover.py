@@ -365,6 +365,12 @@ def test_an_adapter_keeps_going_to_its_home_replica(router: Router):
     assert router.answered_by(router.complete()) in {"a", "b"}
 
 
+@pytest.mark.parametrize("router", [{"picker": "round-robin"}], indirect=True)
+def test_round_robin_ignores_where_an_adapter_is(router: Router):
+    served = [router.answered_by(router.complete("demo/alpha")) for _ in range(4)]
+    assert sorted(served) == ["a", "a", "b", "b"]
+
+
 def test_backend_metrics_carry_each_replicas_label(router: Router):
     text = router.client.get("/metrics/backend").text
     assert text.count("# TYPE vllm:up gauge") == 1
