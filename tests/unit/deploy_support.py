@@ -23,7 +23,6 @@ DEPLOY_ONLY_ENV = {
     "LORAPLEX_ROLE",  # entrypoint.py: router | backend
     "LORAPLEX_ROLE_FILE",
     "LORAPLEX_BACKEND_HOST",  # entrypoint.py: bind address of vLLM in a container
-    "LORAPLEX_MODEL_CACHE",  # serving/base_model.py: where `model pull` puts the model
 }
 
 # Series Prometheus itself provides.
