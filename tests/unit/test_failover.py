@@ -67,7 +67,12 @@ class Router:
         return self.client.post("/v1/completions", json=body, headers=headers)
 
     def answered_by(self, response) -> str:  # type: ignore[no-untyped-def]
+        """The replica that answered (a stream: its first event; it must end with [DONE])."""
         assert response.status_code == 200, response.text
+        if response.headers["content-type"].startswith("text/event-stream"):
+            events = [line[6:] for line in response.text.splitlines() if line.startswith("data: ")]
+            assert events[-1] == "[DONE]", events
+            return json.loads(events[0])["choices"][0]["text"]
         return response.json()["choices"][0]["text"]
 
 
@@ -92,8 +97,11 @@ FAILURES = [
 ]
 
 
+@pytest.mark.parametrize("stream", [False, True], ids=["request", "stream"])
 @pytest.mark.parametrize(("failure", "reason"), FAILURES, ids=[f[0] for f in FAILURES])
-def test_a_failed_replica_is_answered_by_the_other(router: Router, failure: str, reason: str):
+def test_a_failed_replica_is_answered_by_the_other(
+    router: Router, failure: str, reason: str, stream: bool
+):
     a, b = router.replicas
     retries = value(BACKEND_RETRIES, reason=reason)
     if failure == "killed":
@@ -101,7 +109,7 @@ def test_a_failed_replica_is_answered_by_the_other(router: Router, failure: str,
     else:
         a.mode = failure
     # The base model goes to the least-loaded replica, the first one on a tie: `a`.
-    response = router.complete()
+    response = router.complete(stream=stream)
     assert router.answered_by(response) == "b"
     assert b.requests == ["base"]
     assert len(a.requests) == (0 if failure == "killed" else 1)
