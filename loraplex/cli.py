@@ -68,7 +68,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
     engine that cannot start, no engine healthy within backend_start_timeout_s."""
     import uvicorn
 
-    from loraplex.base_model import pull_embedded_model
     from loraplex.router.app import create_app
     from loraplex.router.tenancy.service import check_serve_access
     from loraplex.serving.supervisor import EngineSupervisor
@@ -90,8 +89,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     supervisor: EngineSupervisor | None = None
     try:
         check_serve_access(settings)  # before minutes of model loading, not after
-        if not settings.base_model:
-            pull_embedded_model()
+        # The embedded model is pulled (once) into the model_cache the engines load it from.
+        base_model_dir(settings.base_model, settings.model_cache)
         if not (settings.backend_url or settings.backend_discovery):
             supervisor = EngineSupervisor.from_settings(settings, on_fatal=_stop_serving)
             supervisor.start()
