@@ -63,6 +63,10 @@ class RestartPolicy:
     """Window over which restarts count towards a crash loop."""
     stable_after_s: float = 60.0
     """Healthy this long after a restart, the backoff starts again at backoff_initial_s."""
+    admission_s: float = 13.0
+    """How long after an engine is healthy again the router may still not route to it (it
+    re-admits a replica after a few passing probes: readmit_after_successes ×
+    health_check_interval_s); `restarting()` stays true meanwhile."""
     unhealthy_grace_s: float = 15.0
     """An engine that was healthy and has failed /health this long is killed. vLLM answers
     /health from its API server's event loop without a round trip to the engine core, so
@@ -76,8 +80,11 @@ class RestartPolicy:
 
     @classmethod
     def from_settings(cls, settings: ServeSettings) -> RestartPolicy:
+        # The router's re-admission probes, one probe period of phase, and slack.
+        admission_s = (settings.readmit_after_successes + 1) * settings.health_check_interval_s
         return cls(
             backoff_max_s=settings.engine_restart_backoff_max_s,
+            admission_s=admission_s + 5.0,
             crash_loop_restarts=settings.engine_crash_loop_restarts,
             crash_loop_window_s=settings.engine_crash_loop_window_s,
             start_timeout_s=settings.backend_start_timeout_s,
@@ -106,6 +113,8 @@ class _Replica:
         self.restarts: deque[float] = deque()  # monotonic times of restarts, for the window
         self.failures_in_a_row = 0
         self.ever_healthy = False
+        self.settled = False
+        """Healthy for `admission_s` without a failed probe: the router routes to it."""
 
 
 class EngineSupervisor:
@@ -146,8 +155,17 @@ class EngineSupervisor:
         return [replica.state for replica in self._replicas]
 
     def restarting(self) -> bool:
-        """An engine is being started or restarted (the router's EngineWatch)."""
-        return any(replica.state in ("starting", "down") for replica in self._replicas)
+        """An engine is on its way (back) to serving: being started or restarted, healthy
+        again so recently that the router may not route to it yet, failing /health (to be
+        restarted unless it recovers), or exited a moment ago (its watcher polls every
+        ~0.5 s). The router's EngineWatch: its /health fails only when none is."""
+        return any(
+            replica.state in ("starting", "down")
+            or (
+                replica.state == "up" and (not replica.settled or replica.engine.poll() is not None)
+            )
+            for replica in self._replicas
+        )
 
     def start(self) -> None:
         """Start every engine, each from the thread that then watches it for its whole life
@@ -182,7 +200,7 @@ class EngineSupervisor:
         with httpx.Client(timeout=self.policy.health_timeout_s) as client:
             try:
                 while not self._stopping.is_set():
-                    replica.state = "starting"
+                    replica.state, replica.settled = "starting", False
                     replica.engine.start()
                     failure = self._run(replica, client)
                     if failure is None:  # stopping
@@ -204,20 +222,24 @@ class EngineSupervisor:
         while not self._stopping.wait(policy.poll_interval_s):
             exit_code = replica.engine.poll()
             if exit_code is not None:
+                replica.settled = False
                 return _Failure(f"exited with {_exit_text(exit_code)}", exit_code)
             now = time.monotonic()
             if replica.engine.is_healthy(client):
                 failing_since = None
                 if replica.state != "up":
-                    replica.state, replica.ever_healthy, healthy_since = "up", True, now
+                    replica.state, replica.ever_healthy = "up", True
                     ENGINE_UP.labels(replica.label).set(1)
                     log.info(
                         "vLLM engine up",
                         extra={"replica": replica.label, "url": replica.engine.url},
                     )
-                if healthy_since is not None and now - healthy_since >= policy.stable_after_s:
-                    replica.failures_in_a_row, healthy_since = 0, None
+                healthy_since = healthy_since or now
+                replica.settled = now - healthy_since >= policy.admission_s
+                if now - healthy_since >= policy.stable_after_s:
+                    replica.failures_in_a_row = 0
             elif replica.state == "up":
+                replica.settled, healthy_since = False, None
                 failing_since = failing_since or now
                 if now - failing_since > policy.unhealthy_grace_s:
                     return _Failure(f"alive but failing /health for {now - failing_since:.1f} s")

@@ -41,6 +41,7 @@ FAST = RestartPolicy(
     crash_loop_restarts=3,
     crash_loop_window_s=60.0,
     stable_after_s=60.0,
+    admission_s=0.5,
     unhealthy_grace_s=1.0,
     start_timeout_s=20.0,
     poll_interval_s=0.05,
@@ -119,7 +120,9 @@ def test_a_killed_engine_is_restarted_after_a_doubling_backoff(supervise) -> Non
         waited_s = time.monotonic() - killed_at
         assert expected_backoff_s <= waited_s < expected_backoff_s + 2.0
         wait_for(lambda: supervisor.states() == ["up"])
-        assert not supervisor.restarting()
+        assert supervisor.restarting()  # up, but the router may not route to it yet
+        wait_for(lambda: not supervisor.restarting())
+        assert time.monotonic() - killed_at >= expected_backoff_s + FAST.admission_s
     assert httpx.get(f"{engine.url}/health").status_code == 200
     assert metric("loraplex_engine_restarts_total", "0") == restarts + 2
     assert metric("loraplex_engine_up", "0") == 1
@@ -157,8 +160,10 @@ def test_an_engine_failing_health_while_alive_is_killed_and_restarted(supervise,
     supervisor.wait_until_any_up(20)
     hung = family(engine)
     assert len(hung) == 2  # the server and its engine core
+    wait_for(lambda: not supervisor.restarting())
     failing_at = time.monotonic()
     httpx.post(f"{engine.url}/{how}")
+    wait_for(supervisor.restarting, 5)  # failing /health: about to be restarted
     wait_for(lambda: supervisor.states() == ["down"])
     assert time.monotonic() - failing_at >= FAST.unhealthy_grace_s
     wait_for(lambda: not any(p.is_running() and p.status() != "zombie" for p in hung), 5)
@@ -186,7 +191,7 @@ def test_restarting_while_engines_start_and_serving_once_one_is_up(supervise) ->
     assert supervisor.states() == ["starting", "up"]
     assert supervisor.restarting()
     wait_for(lambda: supervisor.states() == ["up", "up"])
-    assert not supervisor.restarting()
+    wait_for(lambda: not supervisor.restarting())
 
 
 def test_stop_leaves_no_process_behind(supervise) -> None:
