@@ -67,6 +67,15 @@ def _now() -> datetime:
     return datetime.now(timezone.utc).replace(tzinfo=None)
 
 
+def _utc_naive(moment: datetime) -> datetime:
+    """The catalog's times are naive UTC (its columns have no zone). A zoned time is first
+    moved to UTC: SQLite would keep its wall-clock digits and PostgreSQL convert them to
+    the session's zone, so one moment would read back differently on each."""
+    if moment.tzinfo is None:
+        return moment
+    return moment.astimezone(timezone.utc).replace(tzinfo=None)
+
+
 @dataclass(frozen=True)
 class VersionRecord:
     adapter: str
@@ -283,7 +292,7 @@ class Catalog:
         Returns (version, created). When @latest already has exactly this content,
         nothing changes and (that version, False) is returned.
         """
-        created_at = created_at or _now()
+        created_at = _utc_naive(created_at) if created_at else _now()
         for _attempt in range(5):
             try:
                 return self._add_version_once(name, digest, size_bytes, manifest, created_at)

@@ -105,6 +105,9 @@ class PostgresServer:
                 "-c synchronous_commit=off",
                 "-c full_page_writes=off",
                 "-c max_connections=200",
+                # Not UTC, as a production server may not be: a time stored with the
+                # session's zone instead of UTC shows up as a 5.5-hour error.
+                "-c timezone=Asia/Kolkata",
             ]
         )
         # A free port can be taken between the probe and the bind: try another.

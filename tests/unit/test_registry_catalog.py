@@ -3,6 +3,8 @@ migrations, names."""
 
 from __future__ import annotations
 
+from datetime import datetime, timedelta, timezone
+
 import pytest
 import sqlalchemy as sa
 
@@ -200,3 +202,15 @@ def test_concurrent_publishes_and_alias_moves_all_succeed(catalog: Catalog):
     outcomes = run_together(lambda i: catalog.set_alias(BOT, "stable", i + 1))
     assert [o for o in outcomes if isinstance(o, Exception)] == []
     assert resolve(catalog, "acme/bot@stable") in range(1, 9)
+
+
+def test_times_are_utc_whatever_zone_they_are_given_in(catalog: Catalog):
+    """A creation time with a zone (a manifest's) is stored as the UTC moment it names, on
+    either database (SQLite kept its wall-clock digits, PostgreSQL converted them)."""
+    noon_in_berlin = datetime(2026, 6, 1, 12, 0, tzinfo=timezone(timedelta(hours=2)))
+    record, _ = catalog.add_version(BOT, D1, 10, None, created_at=noon_in_berlin)
+    stored = catalog.resolve(parse_adapter_ref("acme/bot:v1"))
+    assert stored.created_at == record.created_at == datetime(2026, 6, 1, 10, 0)
+    listed = catalog.list_adapters()[0].to_json()["versions"][0]
+    published = datetime.fromisoformat(listed["published_at"].replace("Z", "+00:00"))
+    assert abs(published - datetime.now(timezone.utc)) < timedelta(minutes=5)
