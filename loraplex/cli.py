@@ -1,6 +1,6 @@
 """The `loraplex` command line.
 
-Start-up time: `loraplex --help` takes ~0.9 s here (most of it pydantic). A command
+Start-up time: `loraplex --help` takes 0.6-0.9 s here (most of it pydantic). A command
 imports the modules that pull torch, transformers, peft, vLLM or FastAPI inside its
 own function, not at the top: importing them all here made every command, `--help`
 included, take seconds longer (measured with `python -X importtime`: torch 3.5 s,
