@@ -111,6 +111,7 @@ class Run:
     stub_stats: list[dict | None] = field(default_factory=list)
     router_metrics: dict[str, float] = field(default_factory=dict)
     killed: int | None = None
+    killed_stats: dict | None = None  # the killed replica's /stats just before the kill
     killed_at_s: float | None = None
     seconds: float = 0.0
 
@@ -323,11 +324,18 @@ async def mark_warmup(client: httpx.AsyncClient, stubs: list[str], run: Run, at_
 
 
 async def kill_busiest(
-    processes: list[subprocess.Popen], run: Run, after_s: float, started: float
+    client: httpx.AsyncClient,
+    stubs: list[str],
+    processes: list[subprocess.Popen],
+    run: Run,
+    after_s: float,
+    started: float,
 ) -> None:
     await asyncio.sleep(after_s)
     last = run.samples[-1] if run.samples else [0] * len(processes)
     victim = max(range(len(processes)), key=lambda i: last[i] or 0)
+    # What it had in flight (streamed or not) when it died, to read the failover counts.
+    run.killed_stats = (await client.get(f"{stubs[victim]}/stats")).json()
     processes[victim].send_signal(signal.SIGKILL)
     run.killed, run.killed_at_s = victim, time.perf_counter() - started
 
@@ -352,7 +360,9 @@ async def drive(
         started = time.perf_counter()
         killer = None
         if kill is not None:
-            killer = asyncio.create_task(kill_busiest(kill[0], run, kill[1], started))
+            killer = asyncio.create_task(
+                kill_busiest(sampler_client, stubs, kill[0], run, kill[1], started)
+            )
         tasks = []
         for call in calls:
             delay = call.at - (time.perf_counter() - started)
@@ -553,9 +563,15 @@ def table(report: dict) -> str:
     if "kill" in report:
         kill = report["kill"]
         targets["kill_lost_non_streamed"] = kill["failed_non_streamed"]
+        in_flight, streamed = kill["killed_in_flight"], kill["killed_in_flight_streamed"]
+        metrics = kill["router_metrics"].items()
+        retries = sum(v for k, v in metrics if k.startswith("loraplex_backend_retries_total"))
         value = (
-            f"{kill['failed_non_streamed']} (streams: {kill['streams_with_error_event']} ended "
-            f"with an error event, {kill['streams_cut_silently']} cut silently)"
+            f"{kill['failed_non_streamed']} (in flight on the killed replica: "
+            f"{in_flight - streamed} non-streamed, {streamed} streams; router retries "
+            f"{retries:.0f}; "
+            f"{kill['streams_with_error_event']} streams ended with an error event, "
+            f"{kill['streams_cut_silently']} cut silently)"
         )
         ok = kill["failed_non_streamed"] == 0 and kill["streams_cut_silently"] == 0
         row("kill 1 of 3 replicas", "affinity", kill, "lost non-streamed = 0", value, ok)
@@ -649,6 +665,9 @@ def main() -> int:
             report["kill"] = summarise(run, 0.0) | {
                 "killed_replica": run.killed,
                 "killed_at_s": None if run.killed_at_s is None else round(run.killed_at_s, 1),
+                "killed_in_flight": run.killed_stats and run.killed_stats["in_flight"],
+                "killed_in_flight_streamed": run.killed_stats
+                and run.killed_stats["in_flight_streamed"],
             }
             print(f"kill: {json.dumps(report['kill'])}", flush=True)
 

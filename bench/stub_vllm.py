@@ -71,6 +71,7 @@ class EngineConfig:
 class Sequence:
     adapter: str | None
     max_tokens: int
+    streamed: bool
     tokens: asyncio.Queue[int | None] = field(default_factory=asyncio.Queue)
     produced: int = 0
     ready_at: float = 0.0  # load-mode "request": when its adapter load is done
@@ -107,8 +108,8 @@ class Engine:
     def in_flight(self) -> int:
         return len(self.waiting) + len(self.loading) + len(self.running)
 
-    def submit(self, adapter: str | None, max_tokens: int) -> Sequence:
-        sequence = Sequence(adapter, max(1, max_tokens))
+    def submit(self, adapter: str | None, max_tokens: int, streamed: bool) -> Sequence:
+        sequence = Sequence(adapter, max(1, max_tokens), streamed)
         self.waiting.append(sequence)
         self.requests += 1
         self._wake.set()
@@ -222,6 +223,9 @@ class Engine:
             "loading": len(self.loading),
             "waiting": len(self.waiting),
             "in_flight": self.in_flight,
+            "in_flight_streamed": sum(
+                s.streamed for s in (*self.waiting, *self.loading, *self.running)
+            ),
             "slots": list(self.slots),
             "max_loras": self.config.max_loras,
         }
@@ -276,7 +280,7 @@ def create_app(config: EngineConfig) -> Starlette:
         chat = request.url.path.endswith("/chat/completions")
         max_tokens = int(body.get("max_tokens") or body.get("max_completion_tokens") or 16)
         adapter = None if model == config.base_model else model
-        sequence = engine.submit(adapter, max_tokens)
+        sequence = engine.submit(adapter, max_tokens, bool(body.get("stream")))
         created = int(time.time())
         prompt_tokens = _prompt_tokens(body)
         usage = {
