@@ -61,6 +61,7 @@ class PostgresServer:
         self.data = self.root / "data"
         self.log = self.root / "server.log"
         self.port = 0
+        self._test_database = ""
         # Root may not run initdb; an ordinary user runs the server itself.
         self._as_user: list[str] = []
         if os.geteuid() == 0:
@@ -137,10 +138,33 @@ class PostgresServer:
         """A SQLAlchemy URL (psycopg 3, the driver loraplex ships) for `database`."""
         return f"postgresql+psycopg://{SUPERUSER}@127.0.0.1:{self.port}/{database}"
 
-    def _admin(self, sql: str) -> None:
-        dsn = f"host=127.0.0.1 port={self.port} user={SUPERUSER} dbname=postgres"
+    def _admin(self, sql: str, *params: object, database: str = "postgres") -> None:
+        dsn = f"host=127.0.0.1 port={self.port} user={SUPERUSER} dbname={database}"
         with psycopg.connect(dsn, autocommit=True) as conn:
-            conn.execute(sql)
+            conn.execute(sql, params or None)
+
+    def create_schema(self) -> str:
+        """A URL whose connections see only a new, empty schema of the shared test database
+        (its search_path). A schema is made in milliseconds where a database takes 0.2-0.5 s
+        (measured here), and most tests need one."""
+        if not self._test_database:
+            self._test_database = self.create_database()
+        name = f"s_{uuid.uuid4().hex[:16]}"
+        self._admin(f'CREATE SCHEMA "{name}"', database=self._test_database)
+        # The application name marks the schema's connections, for `drop_schema`.
+        return (
+            f"{self.url(self._test_database)}?application_name={name}"
+            f"&options=-csearch_path%3D{name}"
+        )
+
+    def drop_schema(self, url: str) -> None:
+        """Drop the schema of a `create_schema` URL, ending connections a test left open."""
+        name = url.split("application_name=", 1)[1].split("&", 1)[0]
+        self._admin(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = %s",
+            name,
+        )
+        self._admin(f'DROP SCHEMA IF EXISTS "{name}" CASCADE', database=self._test_database)
 
     def create_database(self) -> str:
         """A new, empty database; returns its name."""
@@ -151,8 +175,10 @@ class PostgresServer:
     def drop_database(self, name: str) -> None:
         self._admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
-    def database_files(self, name: str) -> list[Path]:
-        """The files a database's rows and their write-ahead log live in (after a checkpoint)."""
+    def database_files(self, name: str = "") -> list[Path]:
+        """The files a database's rows and their write-ahead log live in (after a checkpoint);
+        by default the database `create_schema` makes its schemas in."""
+        name = name or self._test_database
         self._admin("CHECKPOINT")
         dsn = f"host=127.0.0.1 port={self.port} user={SUPERUSER} dbname=postgres"
         with psycopg.connect(dsn, autocommit=True) as conn:
@@ -171,7 +197,7 @@ class PostgresServer:
 
 
 class Databases:
-    """Fresh, empty databases of one kind for one test."""
+    """Fresh, empty databases of one kind for one test (on PostgreSQL: a schema each)."""
 
     def __init__(self, kind: str, folder: Path, server: PostgresServer | None) -> None:
         self.kind = kind
@@ -187,17 +213,17 @@ class Databases:
             )
             self._created.append(str(path))
             return f"sqlite:///{path}"
-        name = self.server.create_database()
-        self._created.append(name)
-        return self.server.url(name)
+        url = self.server.create_schema()
+        self._created.append(url)
+        return url
 
     def files(self) -> list[Path]:
         """Every file the test's databases keep their data in (rows, journal, WAL)."""
         if self.server is None:
             return [p for p in self.folder.glob("*.db*") if p.is_file()]
-        return [p for name in self._created for p in self.server.database_files(name)]
+        return self.server.database_files()
 
     def drop(self) -> None:
         if self.server is not None:
-            for name in self._created:
-                self.server.drop_database(name)
+            for url in self._created:
+                self.server.drop_schema(url)
