@@ -6,8 +6,7 @@ installed by `make services`) make a cluster in a temporary folder: TCP on 127.0
 a free port, the unix socket in that folder, no password (trust, loopback only). initdb
 refuses to run as root, and CI runs as root: there the server runs as the `postgres`
 system user, which then owns the folder. Durability is switched off (fsync, synchronous
-commit, full-page writes): the data is thrown away, and a test database is created in
-milliseconds instead of waiting on the disk.
+commit, full-page writes): the data is thrown away, so nothing waits on the disk.
 """
 
 from __future__ import annotations
@@ -24,7 +23,8 @@ from pathlib import Path
 import psycopg
 
 BIN_GLOB = "/usr/lib/postgresql/*/bin"
-# As the `postgres` superuser: DROP DATABASE ... WITH (FORCE) ends connections a test left.
+# Tests connect as the superuser: they create and drop databases and schemas, and end
+# connections a test left open.
 SUPERUSER = "postgres"
 
 
@@ -53,7 +53,8 @@ def _free_port() -> int:
 
 
 class PostgresServer:
-    """One cluster in a temporary folder; `start`, `create_database` per test, `stop`."""
+    """One cluster in a temporary folder: `start`, then `create_schema` per test (or
+    `create_database` for a test that needs a database of its own), `stop`."""
 
     def __init__(self, bindir: Path | None = None) -> None:
         self.bindir = bindir or find_bindir()

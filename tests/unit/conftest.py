@@ -1,8 +1,9 @@
 """Fixtures shared by the unit tests: the database kinds the shared state must work on.
 
 `databases` is parametrized over SQLite (a file in the test's folder) and PostgreSQL
-(one throwaway server per session, tests/postgres_server.py; a new database per test,
-dropped after it). A test that asks for `database_url` runs once on each.
+(one throwaway server per session, tests/postgres_server.py; a new schema per test,
+dropped after it). A test that asks for `database_url` runs once on each; `-m postgres`
+selects the PostgreSQL runs, `-m "not postgres"` leaves them out.
 """
 
 from __future__ import annotations
