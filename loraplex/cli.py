@@ -96,6 +96,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
             supervisor.start()
             # One engine up is enough to serve; the router admits the others as they come.
             supervisor.wait_until_any_up(settings.backend_start_timeout_s)
+        elif settings.replicas > 1:
+            log.warning("--replicas ignored: the engines are external (backend url/discovery)")
         app = create_app(
             settings,
             supervisor.urls if supervisor is not None else None,
