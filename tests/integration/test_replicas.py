@@ -288,6 +288,8 @@ def test_killing_one_engine_under_load_fails_no_request_and_it_comes_back(
     print(f"replica back and admitted {time.monotonic() - started:.0f} s after the kill")
     assert engine_core(victim).pid != core.pid
     assert metric_sum(replicas.url, "loraplex_engine_restarts_total", replica="1") == 1
+    # The other engine, busy with the failed-over load, was never taken for a hung one.
+    assert metric_sum(replicas.url, "loraplex_engine_restarts_total", replica="0") == 0
     assert metric_sum(replicas.url, "loraplex_engine_up", replica="1") == 1
 
     # It takes traffic again: its own (fresh) request counter moves.
