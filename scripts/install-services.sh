@@ -37,7 +37,10 @@ if [[ " ${missing[*]} " == *" postgresql "* ]]; then
     /etc/postgresql-common/createcluster.conf
 fi
 apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
-systemctl disable --now prometheus prometheus-alertmanager postgresql >/dev/null 2>&1 || true
-pkill -x prometheus >/dev/null 2>&1 || true
+# Stop only the services of the packages installed just now (never a server that was
+# already on this host, and never by process name: that would kill anyone's Prometheus).
+for package in "${missing[@]}"; do
+  systemctl disable --now "$package" >/dev/null 2>&1 || true
+done
 echo "[services] installed: $(prometheus --version 2>&1 | head -1)," \
   "$("$(postgres_bin)/postgres" --version)"
