@@ -88,14 +88,13 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     log_path = tmp_path_factory.mktemp("logs") / "serve.log"
     env = dict(os.environ, LORAPLEX_ADAPTERS_DIR=str(adapters_dir))
     # Its own database (registry catalog; no tenants, so no API keys on loopback) and adapter
-    # registry; fewer registrations than the registry test has adapters, so unregistering
-    # the least recently used is exercised too.
+    # registry. The registry test sends more adapters than the engine's host cache holds
+    # (--max-cpu-loras), so vLLM's own eviction and reloads through the resolver run too.
     registry_dir = tmp_path_factory.mktemp("registry")
     env.update(
         LORAPLEX_DATABASE_URL=f"sqlite:///{registry_dir}/loraplex.db",
         LORAPLEX_REGISTRY_STORE=str(registry_dir / "store"),
         LORAPLEX_REGISTRY_CACHE_DIR=str(registry_dir / "cache"),
-        LORAPLEX_MAX_BACKEND_ADAPTERS="16",
     )
     command = [
         sys.executable,
