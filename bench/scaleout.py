@@ -49,6 +49,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import random
 import signal
 import subprocess
@@ -112,6 +113,7 @@ class Run:
     router_metrics: dict[str, float] = field(default_factory=dict)
     killed: int | None = None
     killed_stats: dict | None = None  # the killed replica's /stats just before the kill
+    cpu: dict[str, dict[str, float]] = field(default_factory=dict)  # router, client
     killed_at_s: float | None = None
     seconds: float = 0.0
 
@@ -417,9 +419,26 @@ def run_scenario(
         processes.append(start_router(router_port, backends, picker, work))
         kill = (stubs, kill_after_s) if kill_after_s is not None else None
         router = f"http://127.0.0.1:{router_port}"
-        return asyncio.run(drive(router, backends, calls, tokens, warmup_s, kill))
+        pids = {"router": processes[-1].pid, "client": os.getpid()}
+        before = {name: schedstat(pid) for name, pid in pids.items()}
+        run = asyncio.run(drive(router, backends, calls, tokens, warmup_s, kill))
+        for name, pid in pids.items():
+            (cpu_before, wait_before), (cpu_after, wait_after) = before[name], schedstat(pid)
+            run.cpu[name] = {
+                "cpu_share": round((cpu_after - cpu_before) / 1e9 / run.seconds, 3),
+                "runqueue_wait_ms_per_s": round((wait_after - wait_before) / 1e6 / run.seconds, 1),
+            }
+        return run
     finally:
         stop(processes)
+
+
+def schedstat(pid: int) -> tuple[int, int]:
+    """(ns on a CPU, ns waiting for one) of a process's main thread, where the router's
+    and the load generator's event loops run: the wait says how much a busy machine
+    delayed them, which a TTFT measured here includes."""
+    on_cpu, waiting, _ = Path(f"/proc/{pid}/schedstat").read_text().split()
+    return int(on_cpu), int(waiting)
 
 
 # ---- report -------------------------------------------------------------------------------
@@ -465,6 +484,7 @@ def summarise(run: Run, warmup_s: float) -> dict:
         "adapter_loads_per_replica": final_loads,
         "requests_per_replica": [s["requests"] if s else None for s in run.stub_stats],
         "step_time_overshoot": step_overshoot(run.stub_stats),
+        "cpu": run.cpu,
         "ttft_ms": latency_ms(ttfts),
         "non_streamed_latency_ms": latency_ms(plain),
         "router_metrics": run.router_metrics,
@@ -519,8 +539,9 @@ def table(report: dict) -> str:
     targets = report["targets"] = {}
     rows = [
         "| scenario | picker | requests | failed | adapter loads: run / after warm-up | "
-        "TTFT p50 / p95 ms | step overshoot | target | value | result |",
-        "|---|---|---:|---:|---:|---|---:|---|---|---|",
+        "TTFT p50 / p95 ms | step overshoot | CPU wait ms/s: router / client | "
+        "target | value | result |",
+        "|---|---|---:|---:|---:|---|---:|---|---|---|---|",
     ]
 
     def row(name: str, picker: str, summary: dict, target: str, value: str, ok: bool | None):
@@ -528,9 +549,15 @@ def table(report: dict) -> str:
         ttft_text = f"{ttft['p50']:.0f} / {ttft['p95']:.0f}" if ttft else "-"
         loads = f"{summary['adapter_loads']} / {summary['adapter_loads_after_warmup']}"
         result = "-" if ok is None else verdict(ok)
+        cpu = summary["cpu"]
+        wait = (
+            f"{cpu['router']['runqueue_wait_ms_per_s']:.0f} / "
+            f"{cpu['client']['runqueue_wait_ms_per_s']:.0f}"
+        )
         rows.append(
             f"| {name} | {picker} | {summary['requests']} | {summary['failed']} | {loads} | "
-            f"{ttft_text} | {summary['step_time_overshoot']} | {target} | {value} | {result} |"
+            f"{ttft_text} | {summary['step_time_overshoot']} | {wait} | {target} | {value} | "
+            f"{result} |"
         )
 
     if "zipf" in report:
@@ -579,7 +606,7 @@ def table(report: dict) -> str:
         p50 = report["picker_speed_us"]["p50"]
         targets["picker_p50_us"] = p50
         rows.append(
-            f"| picker decision, 16 replicas x 1,000 adapters | affinity | - | - | - | - | - | "
+            f"| picker decision, 16 replicas x 1,000 adapters | affinity | - | - | - | - | - | - | "
             f"p50 <= 50 us | {p50:.1f} us | {verdict(p50 <= 50)} |"
         )
     return "\n".join(rows)
@@ -682,8 +709,10 @@ def main() -> int:
     print(
         f"\nload average before {report['load_average_before']}, "
         f"after {report['load_average_after']}; {report['machine']['cpu_model']}, "
-        f"{report['machine']['cpu_count']} CPUs; step overshoot = step time the stub "
-        "replicas took / asked for (> 1: the machine was too busy to wake them on time)"
+        f"{report['machine']['cpu_count']} CPUs. Step overshoot: step time the stub replicas "
+        "took / asked for (> 1: the machine was too busy to wake them on time). CPU wait: "
+        "time the router's and the load generator's event loops waited for a CPU, ms per "
+        "second of run (a TTFT measured here includes it)."
     )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
