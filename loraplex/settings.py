@@ -113,6 +113,11 @@ class ServeSettings(BaseSettings):
     """Serve without API keys even on a non-loopback address when no tenant/key exists."""
     metrics_max_label_values: int = Field(200, ge=1)
     """Distinct adapter (and tenant) label values per metric; later ones count as `other`."""
+    max_request_body_mib: int = Field(8, ge=1)
+    """Largest request body the router reads, in MiB; larger ones get 413 `request_too_large`."""
+    max_header_kib: int = Field(64, ge=1)
+    """Largest request line plus headers the HTTP server reads, in KiB; larger: the connection
+    is refused (uvicorn's h11 parser, which unlike httptools enforces a limit)."""
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     """Log level of the router (JSON lines on stderr)."""
 

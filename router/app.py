@@ -19,6 +19,7 @@ from loraplex.adapters.local_store import LocalAdapter, LocalAdapterStore
 from loraplex.router.adapter_loading import AdapterResolver
 from loraplex.router.admin_adapters_api import admin_adapters_router
 from loraplex.router.backend_pool import BackendPool, EngineWatch, split_urls
+from loraplex.router.body_limit import BodyLimitMiddleware
 from loraplex.router.errors import APIError, error_body, error_response
 from loraplex.router.forwarding import Call, Forwarder
 from loraplex.router.metrics_api import metrics_router
@@ -63,6 +64,8 @@ def create_app(
     tenancy.install(app)  # auth, access, quotas, per-request metrics, /admin
     if resolver.registry is not None:
         app.include_router(admin_adapters_router(resolver.registry))
+    # Outside the guard (which reads bodies), inside the request log (413s are logged).
+    app.add_middleware(BodyLimitMiddleware, limit_bytes=settings.max_request_body_mib << 20)
     app.add_middleware(RequestLogMiddleware)
     app.include_router(metrics_router(pool))
 
@@ -81,7 +84,8 @@ def create_app(
 
     async def forward(request: Request, path: str, schema: type) -> Response:
         body = await request.body()
-        parsed = parse_request(body, schema)
+        # The API guard parsed (and type-checked) the body once; parse only without it.
+        parsed = getattr(request.state, "parsed_request", None) or parse_request(body, schema)
         request.state.model = parsed.model
         if parsed.model == settings.base_model_name:
             adapter = None

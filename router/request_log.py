@@ -13,6 +13,7 @@ from typing import Any
 log = logging.getLogger("loraplex.router.access")
 
 REQUEST_ID_HEADER = b"x-request-id"
+MAX_LOGGED_MODEL_CHARS = 256
 
 
 class RequestLogMiddleware:
@@ -49,13 +50,21 @@ class RequestLogMiddleware:
                     "method": scope["method"],
                     "path": scope["path"],
                     "status": status,
-                    "model": state.get("model"),
+                    "model": _cut(state.get("model")),
                     # Set by the API guard; the key's public prefix, never the key itself.
                     "tenant": state.get("tenant"),
                     "key_prefix": state.get("key_prefix"),
                     "duration_ms": round((time.perf_counter() - started) * 1000, 2),
                 },
             )
+
+
+def _cut(model: str | None) -> str | None:
+    """A client's `model` string as logged: at most MAX_LOGGED_MODEL_CHARS (a 5 MB name
+    must not become a 5 MB log line)."""
+    if model is None or len(model) <= MAX_LOGGED_MODEL_CHARS:
+        return model
+    return model[:MAX_LOGGED_MODEL_CHARS] + "…"
 
 
 def _incoming_request_id(scope: dict) -> str | None:

@@ -18,13 +18,23 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from loraplex.router.errors import APIError, error_response, model_not_found
 from loraplex.router.metrics import IN_FLIGHT, QUOTA_REJECTIONS
+from loraplex.router.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    load_json_object,
+    validate,
+)
 from loraplex.router.tenancy.auth import Authenticator, Principal, may_use
 from loraplex.router.tenancy.quotas import Admission, QuotaExceeded, QuotaLedger, quota_adapter_name
 from loraplex.router.tenancy.request_metrics import RequestMetrics, ResponseObserver, ask_for_usage
 
 log = logging.getLogger(__name__)
 
-COMPLETION_PATHS = frozenset({"/v1/chat/completions", "/v1/completions"})
+REQUEST_SCHEMAS = {
+    "/v1/chat/completions": ChatCompletionRequest,
+    "/v1/completions": CompletionRequest,
+}
+COMPLETION_PATHS = frozenset(REQUEST_SCHEMAS)
 
 
 def _database_error() -> APIError:
@@ -75,23 +85,29 @@ class APIGuard:
             await self.app(scope, receive, send)
 
     async def _completion(self, principal: Principal, scope: dict, receive: Any, send: Any) -> None:
-        body = await _read_body(receive)
-        request = _json_object(body)
-        model = request.get("model") if request else None
-        if not isinstance(model, str) or not model:
-            # Not routable: the endpoint answers the 400 naming the field.
+        # The one reading of the body: the route and the quota use this typed request, so
+        # no layer reads `stream` (or anything else) differently.
+        try:
+            body = await _read_body(receive)
+            schema = REQUEST_SCHEMAS[scope["path"]]
+            data = load_json_object(body)
+            parsed = validate(data, schema)
+        except APIError as exc:
             observer = ResponseObserver(stream=False, drop_usage_chunk=False)
-            await self.app(scope, _replay(body, receive), observer.wrap(send))
-            self.metrics.record(None, principal.label, observer, reached_app=True)
+            await error_response(exc)(scope, receive, observer.wrap(send))
+            self.metrics.record(None, principal.label, observer, reached_app=False)
             return
+        model = parsed.model
+        scope["state"]["parsed_request"] = parsed
         adapter = quota_adapter_name(model)
         tenant = principal.label
         scope["state"]["model"] = model
-        stream = request.get("stream") is True
+        stream = parsed.stream is True
         client_wants_usage = False
         if stream:
-            request, client_wants_usage = ask_for_usage(request)  # type: ignore[arg-type]
-            body = json.dumps(request).encode()
+            data, client_wants_usage = ask_for_usage(data)
+            if not client_wants_usage:
+                body = json.dumps(data).encode()
         observer = ResponseObserver(stream, drop_usage_chunk=stream and not client_wants_usage)
         if not may_use(principal, model, self.base_model_name):
             await error_response(model_not_found(model))(scope, receive, observer.wrap(send))
@@ -100,7 +116,9 @@ class APIGuard:
         admission: Admission | None = None
         if principal.tenant_id is not None:
             try:
-                admission = await run_sync(self.ledger.admit, principal.tenant_id, model)
+                admission = await run_sync(
+                    self.ledger.admit, principal.tenant_id, model, parsed.worst_case_tokens()
+                )
             except (QuotaExceeded, SQLAlchemyError) as exc:
                 error = self._rejection(exc, tenant)
                 await error_response(error)(scope, receive, observer.wrap(send))
@@ -171,11 +189,3 @@ def _replay(body: bytes, receive: Any) -> Any:
         return await receive()
 
     return replayed
-
-
-def _json_object(body: bytes) -> dict | None:
-    try:
-        data = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
-        return None
-    return data if isinstance(data, dict) else None

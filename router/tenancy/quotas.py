@@ -61,6 +61,30 @@ def quota_adapter_name(model: str) -> str:
     return model.split("@", 1)[0].split(":", 1)[0]
 
 
+def _check_worst_case(
+    tokens_per_minute: int, token_tat: float, now: float, worst_case: int, scope: str
+) -> None:
+    """QuotaExceeded when `worst_case` tokens exceed what the bucket holds now."""
+    remaining = tokens_per_minute * (now + PERIOD_S - max(token_tat, now)) / PERIOD_S
+    if worst_case <= remaining:
+        return
+    if worst_case > tokens_per_minute:
+        raise QuotaExceeded(
+            "tokens_per_minute",
+            PERIOD_S,
+            f"This request may generate {worst_case} tokens (n × max_tokens), more than the "
+            f"limit of {tokens_per_minute} tokens per minute{scope}: lower max_tokens or n.",
+        )
+    # When the bucket has refilled enough for the worst case.
+    wait = max(token_tat, now) + worst_case * PERIOD_S / tokens_per_minute - PERIOD_S - now
+    raise QuotaExceeded(
+        "tokens_per_minute",
+        wait,
+        f"Rate limit reached: this request may generate {worst_case} tokens (n × max_tokens), "
+        f"{int(remaining)} of {tokens_per_minute} tokens per minute are left{scope}.",
+    )
+
+
 class QuotaLedger:
     def __init__(
         self, engine: Engine, lease_s: float, clock: Callable[[], float] = time.time
@@ -69,9 +93,13 @@ class QuotaLedger:
         self.lease_s = lease_s
         self.clock = clock
 
-    def admit(self, tenant_id: int, model: str) -> Admission | None:
+    def admit(
+        self, tenant_id: int, model: str, worst_case_tokens: int | None = None
+    ) -> Admission | None:
         """Take one request from every quota that applies, or raise QuotaExceeded.
 
+        `worst_case_tokens` (n × max_tokens) beyond a token bucket's remaining capacity is
+        refused up front (the bucket is only read: tokens are charged at `settle`).
         None when no quota applies (no write to the database at all).
         """
         which = {"for_tenant": tenant_id, "for_adapter": quota_adapter_name(model)}
@@ -97,6 +125,10 @@ class QuotaLedger:
                         "tokens_per_minute",
                         row.token_tat - PERIOD_S - now,
                         f"Rate limit reached: {row.tokens_per_minute} tokens per minute{scope}.",
+                    )
+                if row.tokens_per_minute and worst_case_tokens:
+                    _check_worst_case(
+                        row.tokens_per_minute, row.token_tat, now, worst_case_tokens, scope
                     )
                 if row.max_concurrent:
                     running = conn.execute(
