@@ -66,7 +66,13 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def unauthorized(message: str) -> APIError:
+# The one answer to every presented key that is not usable (unknown, wrong, revoked,
+# expired): saying which, or echoing the key's prefix, would tell the holder of a leaked
+# key whether it was ever real. Operators find the reason in the router's log.
+INVALID_API_KEY = "Invalid API key."
+
+
+def unauthorized(message: str = INVALID_API_KEY) -> APIError:
     return APIError(401, message, code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
 
 
@@ -115,7 +121,8 @@ class Authenticator:
         try:
             owner = self.store.authenticate(key)
         except KeyRejected as exc:
-            raise unauthorized(str(exc)) from None
+            log.info("API key rejected", extra={"reason": str(exc)})
+            raise unauthorized() from None
         role: Literal["admin", "tenant"] = "admin" if owner.tenant_id is None else "tenant"
         return Principal(role, owner.tenant, owner.tenant_id, owner.prefix)
 

@@ -145,11 +145,11 @@ def test_auth_matrix(router: TenantRouter) -> None:
     unauthorized = (401, "authentication_error", "invalid_api_key")
     assert _error(router.post(None, BASE_NAME)) == unauthorized
     assert _error(router.post("lpx_not-a-key", BASE_NAME)) == unauthorized
-    response = router.post(revoked, BASE_NAME)
-    assert _error(response) == unauthorized and "revoked" in response.json()["error"]["message"]
+    # Revoked and expired keys answer exactly like unknown ones (no oracle on leaked keys).
+    unknown = router.post("lpx_not-a-key", BASE_NAME).json()
+    assert router.post(revoked, BASE_NAME).json() == unknown
     time.sleep(max(0.0, expired_by - time.time()))
-    response = router.post(expiring, BASE_NAME)
-    assert _error(response) == unauthorized and "expired" in response.json()["error"]["message"]
+    assert router.post(expiring, BASE_NAME).json() == unknown
 
     # Another tenant's adapter answers exactly like a missing one.
     foreign, missing = router.post(acme, "globex/beta"), router.post(acme, "acme/missing")
