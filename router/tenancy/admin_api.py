@@ -5,15 +5,15 @@ The same operations as `loraplex tenants|keys|quotas`; a tenant key gets 403, no
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 
 from loraplex.router.errors import APIError
+from loraplex.router.protocol import load_json_object, validate
 from loraplex.router.tenancy.auth import Principal
 from loraplex.router.tenancy.store import (
     AlreadyExists,
@@ -26,34 +26,39 @@ from loraplex.router.tenancy.store import (
     parse_expiry,
 )
 
+# The quota columns are 32-bit integers on PostgreSQL; larger numbers are a 400 naming the
+# field, not an OverflowError from the driver.
+_MAX_LIMIT = 2**31 - 1
+
 
 class AdminBody(BaseModel):
-    """Admin request bodies: unknown fields are an error naming the field."""
+    """Admin request bodies: unknown fields are an error naming the field, and types are
+    strict (`true` or `"10"` for a number is a 400, not 1 or 10)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 class TenantCreate(AdminBody):
-    name: str = Field(min_length=1)
+    name: str = Field(min_length=1, max_length=64)
 
 
 class KeyCreate(AdminBody):
-    tenant: str | None = None
+    tenant: str | None = Field(None, max_length=64)
     """The tenant the key belongs to; omit (with admin=true) for an admin key."""
     admin: bool = False
-    expires: str | None = None
+    expires: str | None = Field(None, max_length=64)
     """Duration from now (`30d`, `12h`) or an ISO 8601 time."""
-    description: str = ""
+    description: str = Field("", max_length=200)
 
 
 class QuotaSet(AdminBody):
     """A field left out keeps its limit; a null removes it."""
 
-    tenant: str = Field(min_length=1)
-    adapter: str = ""
-    requests_per_minute: int | None = None
-    tokens_per_minute: int | None = None
-    max_concurrent: int | None = None
+    tenant: str = Field(min_length=1, max_length=64)
+    adapter: str = Field("", max_length=200)
+    requests_per_minute: int | None = Field(None, le=_MAX_LIMIT)
+    tokens_per_minute: int | None = Field(None, le=_MAX_LIMIT)
+    max_concurrent: int | None = Field(None, le=_MAX_LIMIT)
 
 
 def require_admin(request: Request) -> Principal:
@@ -66,14 +71,9 @@ def require_admin(request: Request) -> Principal:
 
 
 async def parse_admin_body(request: Request, schema: type[AdminBody]) -> Any:
-    try:
-        return schema.model_validate(json.loads(await request.body()))
-    except (ValueError, UnicodeDecodeError) as exc:
-        if isinstance(exc, ValidationError):
-            first = exc.errors()[0]
-            field = ".".join(str(part) for part in first["loc"]) or None
-            raise APIError(400, f"Invalid field '{field}': {first['msg']}", param=field) from None
-        raise APIError(400, f"Request body is not valid JSON: {exc}") from None
+    """The body validated by `schema`, or a 400 naming the field (also for bodies that are
+    not JSON, not an object, or nested too deeply)."""
+    return validate(load_json_object(await request.body()), schema)
 
 
 async def _call(function: Any, *args: Any, **kwargs: Any) -> Any:

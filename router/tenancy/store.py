@@ -168,7 +168,8 @@ def validate_tenant_name(name: str) -> str:
     return name
 
 
-_DURATION = re.compile(r"(\d+)\s*([smhdw])")
+# ASCII digits only (`\d` also takes "٣"), and few enough that the sum stays a float.
+_DURATION = re.compile(r"([0-9]{1,9})\s*([smhdw])")
 _UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 
 
@@ -218,6 +219,12 @@ class TenancyStore:
         now = self.clock()
         try:
             with self.engine.begin() as conn:
+                # Names are unique ignoring case (`acme` and `ACME` would be one tenant to a
+                # reader). Checked in the insert's transaction; the unique index decides
+                # exact duplicates (a lower(name) index needs a migration).
+                same = sa.select(tenants.c.id).where(sa.func.lower(tenants.c.name) == name.lower())
+                if conn.execute(same).first() is not None:
+                    raise AlreadyExists("tenant", f"tenant '{name}' already exists")
                 conn.execute(tenants.insert().values(name=name, created_at=now))
         except IntegrityError:
             # The unique name decides (checking first would race another writer).
