@@ -10,10 +10,33 @@ from __future__ import annotations
 
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 # Ranks vLLM's LoRA kernels accept (vllm.config.lora.MaxLoRARanks).
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+
+# Weight files in Python's pickle format (torch.save and friends): loading one can run
+# any code its author chose, inside the engine. The registry takes safetensors only.
+PICKLED_WEIGHT_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
+
+
+def pickled_weight_files(folder: Path) -> list[str]:
+    """Names of the files in `folder` (not its subfolders) that hold pickled weights."""
+    return sorted(
+        entry.name
+        for entry in folder.iterdir()
+        if entry.suffix.lower() in PICKLED_WEIGHT_SUFFIXES and not entry.is_dir()
+    )
+
+
+def pickle_problem(name: str) -> str:
+    """Why a pickled weight file is refused, and how to convert it."""
+    return (
+        f"{name}: pickled weights are refused (loading a pickle can run arbitrary code); "
+        "only safetensors are accepted: re-save the adapter with peft's "
+        "save_pretrained(..., safe_serialization=True) and remove this file"
+    )
 
 
 @dataclass(frozen=True)

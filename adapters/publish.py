@@ -1,6 +1,7 @@
 """Publishing an adapter folder as a new immutable version.
 
-Everything is checked before anything becomes visible: required files, size,
+Everything is checked before anything becomes visible: required files (weights in
+safetensors only: a pickled `.bin`/`.pt` is refused, pickles can run code on load), size,
 the compat rules vLLM needs (compat.py), and, when the adapter carries a
 manifest, that it was trained on the base model being served (by weights hash).
 Then the files go to the store (complete or not at all), and only then does one
@@ -20,13 +21,22 @@ from safetensors import safe_open
 
 from loraplex.adapters.blob_store import BlobStore
 from loraplex.adapters.catalog import Catalog, VersionRecord
-from loraplex.adapters.compat import BaseModelRef, check_adapter_config
+from loraplex.adapters.compat import (
+    BaseModelRef,
+    check_adapter_config,
+    pickle_problem,
+    pickled_weight_files,
+)
 from loraplex.adapters.content import VersionContent, scan_adapter_dir
-from loraplex.adapters.local_store import ADAPTER_CONFIG, WEIGHT_FILES
+from loraplex.adapters.local_store import ADAPTER_CONFIG
 from loraplex.adapters.manifest import MANIFEST_FILE, AdapterManifest
 from loraplex.adapters.names import AdapterName
 
 Progress = Callable[[str], None]
+
+# The one weight file a published version may carry (local_store also serves peft's
+# pickled adapter_model.bin from a local folder; the registry does not take it).
+SAFETENSORS_WEIGHTS = "adapter_model.safetensors"
 
 
 class PublishRejected(ValueError):
@@ -69,11 +79,12 @@ def check_adapter_dir(path: Path, checks: PublishChecks) -> CheckedAdapter:
         except ValueError as exc:
             problems.append(f"{ADAPTER_CONFIG}: unreadable JSON ({exc})")
             config = None
-    weights = [name for name in WEIGHT_FILES if (path / name).is_file()]
-    if not weights:
-        problems.append(f"{' or '.join(WEIGHT_FILES)}: missing (no adapter weights)")
-    elif weights[0].endswith(".safetensors"):
-        problems += _check_safetensors(path / weights[0])
+    pickled = pickled_weight_files(path)
+    problems += [pickle_problem(name) for name in pickled]
+    if (path / SAFETENSORS_WEIGHTS).is_file():
+        problems += _check_safetensors(path / SAFETENSORS_WEIGHTS)
+    elif not pickled:
+        problems.append(f"{SAFETENSORS_WEIGHTS}: missing (no adapter weights)")
 
     manifest: AdapterManifest | None = None
     if (path / MANIFEST_FILE).is_file():

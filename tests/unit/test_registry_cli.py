@@ -92,7 +92,17 @@ REJECTIONS = [
     (
         "no-weights",
         lambda d: (d / "adapter_model.safetensors").unlink(),
-        "adapter_model.safetensors or adapter_model.bin: missing",
+        "adapter_model.safetensors: missing",
+    ),
+    (
+        "pickled-weights",
+        lambda d: (d / "adapter_model.bin").write_bytes(b"\x80\x04K\x01."),  # pickle of 1
+        "adapter_model.bin: pickled weights are refused",
+    ),
+    (
+        "pickled-instead-of-safetensors",
+        lambda d: (d / "adapter_model.safetensors").rename(d / "adapter_model.pt"),
+        "adapter_model.pt: pickled weights are refused",
     ),
     ("no-config", lambda d: (d / "adapter_config.json").unlink(), "adapter_config.json: missing"),
     (
@@ -156,8 +166,8 @@ def test_publish_accepts_a_manifest_for_the_served_base(env, capsys):
 
 def test_size_limit(env, capsys, monkeypatch):
     monkeypatch.setenv("LORAPLEX_REGISTRY_MAX_ADAPTER_MIB", "1")
-    folder = make_adapter_dir(env / "big", seed=1, rank=16)
-    (folder / "adapter_model.bin").write_bytes(b"\0" * (2 << 20))
+    # 2 MiB of config (the files a version carries count; a pickled .bin would be refused).
+    folder = make_adapter_dir(env / "big", seed=1, rank=16, notes="x" * (2 << 20))
     code, _, err = run(capsys, "publish", str(folder), "--name", "acme/bot")
     assert code == 2 and "over the 1 MiB limit" in err
 
