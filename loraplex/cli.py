@@ -110,6 +110,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
             log_config=None,
             access_log=False,
             timeout_graceful_shutdown=30,
+            # h11, not httptools: only h11 bounds the request line + headers (httptools
+            # buffers a 256 MB header). Neither parser has a header-read timeout.
+            http="h11",
+            h11_max_incomplete_event_size=settings.max_header_kib << 10,
+            timeout_keep_alive=5,  # idle keep-alive connections close after 5 s
         )
         servers.append(uvicorn.Server(config))
         if supervisor is not None and supervisor.failure is not None:
