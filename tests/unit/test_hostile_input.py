@@ -190,6 +190,15 @@ ADMIN_CASES = [
     ),
     ("tenant a number", "POST", "/admin/tenants", {"name": 7}, 400, None, "name"),
     (
+        "admin body over the limit",
+        "POST",
+        "/admin/tenants",
+        {"name": "x" * (1 << 20)},
+        413,
+        "request_too_large",
+        None,
+    ),
+    (
         "nested 100,000 deep",
         "POST",
         "/admin/tenants",
@@ -309,3 +318,12 @@ def test_a_chunked_body_is_cut_off_at_the_limit() -> None:
     assert read == 3  # 1,200 bytes > 1,000: no fourth chunk read
     assert sent[0]["status"] == 413
     assert json.loads(sent[1]["body"])["error"]["code"] == "request_too_large"
+
+
+@pytest.mark.parametrize("path", ["/v1/completions", "/admin/tenants"])
+def test_a_body_without_content_length_is_counted(router: Router, path: str) -> None:
+    chunks = iter([b"x" * 600_000] * 3)  # no Content-Length: sent chunked
+    response = router.client.post(path, content=chunks, headers=ADMIN)
+    assert "content-length" not in response.request.headers
+    assert response.status_code == 413, response.text
+    assert response.json()["error"]["code"] == "request_too_large"
