@@ -69,6 +69,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from loraplex.router.app import create_app
+    from loraplex.router.http_limits import bounded_httptools
     from loraplex.router.tenancy.service import check_serve_access
     from loraplex.serving.supervisor import EngineSupervisor
 
@@ -110,10 +111,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
             log_config=None,
             access_log=False,
             timeout_graceful_shutdown=30,
-            # h11, not httptools: only h11 bounds the request line + headers (httptools
-            # buffers a 256 MB header). Neither parser has a header-read timeout.
-            http="h11",
-            h11_max_incomplete_event_size=settings.max_header_kib << 10,
+            # httptools with a size limit and a read timeout on request heads (uvicorn has
+            # neither for httptools; h11 has the size only and is slower).
+            http=bounded_httptools(settings.max_header_kib << 10, settings.header_timeout_s),
             timeout_keep_alive=5,  # idle keep-alive connections close after 5 s
         )
         servers.append(uvicorn.Server(config))

@@ -116,8 +116,9 @@ class ServeSettings(BaseSettings):
     max_request_body_mib: int = Field(8, ge=1)
     """Largest request body the router reads, in MiB; larger ones get 413 `request_too_large`."""
     max_header_kib: int = Field(64, ge=1)
-    """Largest request line plus headers the HTTP server reads, in KiB; larger: the connection
-    is refused (uvicorn's h11 parser, which unlike httptools enforces a limit)."""
+    """Largest request line plus headers the router reads, in KiB; larger: 400 and closed."""
+    header_timeout_s: float = Field(10.0, gt=0)
+    """Time a client has to send a request's line and headers; then the connection is closed."""
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     """Log level of the router (JSON lines on stderr)."""
 
