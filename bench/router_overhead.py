@@ -19,6 +19,7 @@ import argparse
 import asyncio
 import json
 import os
+import secrets
 import signal
 import statistics
 import subprocess
@@ -41,12 +42,18 @@ PROMPTS = [
 ]
 
 
+# The engine's key (LORAPLEX_BACKEND_API_KEY below): vLLM answers 401 without it. The
+# router, serving without keys on loopback, ignores it.
+ENGINE_KEY = secrets.token_urlsafe(32)
+AUTH = {"Authorization": f"Bearer {ENGINE_KEY}"}
+
+
 async def throughput_round(url: str, models: list[str], args: argparse.Namespace) -> dict:
     semaphore = asyncio.Semaphore(args.concurrency)
     latencies: list[float] = []
     tokens = 0
 
-    async with httpx.AsyncClient(base_url=url, timeout=600) as client:
+    async with httpx.AsyncClient(base_url=url, timeout=600, headers=AUTH) as client:
 
         async def one(index: int) -> None:
             nonlocal tokens
@@ -77,7 +84,7 @@ def added_latency(direct: str, router: str, models: list[str], count: int) -> li
     the engine's wake-up, which would otherwise be charged to one path only.
     """
     differences = []
-    with httpx.Client(timeout=60) as client:
+    with httpx.Client(timeout=60, headers=AUTH) as client:
         for index in range(count):
             body = {"model": models[index % len(models)], "prompt": "Hi", "max_tokens": 1}
             timings = {}
@@ -185,7 +192,9 @@ def main() -> int:
         "--log-level",
         "warning",
     ]
-    env = dict(os.environ, LORAPLEX_ADAPTERS_DIR=str(adapters_dir))
+    env = dict(
+        os.environ, LORAPLEX_ADAPTERS_DIR=str(adapters_dir), LORAPLEX_BACKEND_API_KEY=ENGINE_KEY
+    )
     process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL)
     try:
         if not wait_ready(router, process):

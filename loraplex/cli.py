@@ -73,7 +73,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from loraplex.router.tenancy.service import check_serve_access
     from loraplex.serving.supervisor import EngineSupervisor
 
-    settings = settings_from_args(args)
+    # One engine key per serve process for the engines it starts (router → engine auth).
+    settings = settings_from_args(args).with_local_engine_key()
     configure_logging(settings.log_level)
 
     def _interrupt(signum: int, _frame: object) -> None:

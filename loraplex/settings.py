@@ -6,10 +6,11 @@ environment variable or from the matching `--flag` of `loraplex serve`.
 
 from __future__ import annotations
 
+import secrets
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -108,7 +109,16 @@ class ServeSettings(BaseSettings):
     registry_max_adapter_mib: int = Field(1024, ge=1)
     """Largest adapter (all its files) that `adapters publish` accepts, in MiB."""
     admin_key: SecretStr = SecretStr("")
-    """Admin API key (manages tenants, keys, quotas; calls every model). Prefer the env var."""
+    """Admin API key (manages tenants, keys, quotas; calls every model). From the environment
+    or `admin_key_file` only: a secret is never a flag (flags show in `ps`)."""
+    admin_key_file: Path | None = None
+    """File holding the admin key (e.g. a mounted secret), read at start; a trailing newline
+    is stripped. Set it or `admin_key`, not both."""
+    backend_api_key: SecretStr = SecretStr("")
+    """Shared secret between the router and its vLLM engines (vLLM's API key, given to
+    the engine as VLLM_API_KEY): the router sends it as a bearer token on every request.
+    Empty = a random key per `loraplex serve` for the engines it starts; external engines
+    (`backend_url`, `backend_discovery`) get it only if set (set the same value on them)."""
     allow_open_access: bool = False
     """Serve without API keys even on a non-loopback address when no tenant/key exists."""
     metrics_max_label_values: int = Field(200, ge=1)
@@ -133,6 +143,30 @@ class ServeSettings(BaseSettings):
     def _empty_store_is_the_default(cls, value: str) -> str:
         # LORAPLEX_REGISTRY_STORE="" (a blank deploy variable) means the default, never `.`.
         return value or _default_registry_store()
+
+    @model_validator(mode="after")
+    def _admin_key_from_file(self) -> ServeSettings:
+        if self.admin_key_file is None:
+            return self
+        if self.admin_key.get_secret_value():
+            raise ValueError("set admin_key or admin_key_file, not both")
+        try:
+            key = self.admin_key_file.read_text().removesuffix("\n").removesuffix("\r")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ValueError(
+                f"admin_key_file {self.admin_key_file} cannot be read: {exc}"
+            ) from None
+        if not key:
+            raise ValueError(f"admin_key_file {self.admin_key_file} is empty")
+        self.admin_key = SecretStr(key)
+        return self
+
+    def with_local_engine_key(self) -> ServeSettings:
+        """These settings, with a random `backend_api_key` when it is empty and the engines
+        are local children (nobody else needs to know it); else unchanged."""
+        if self.backend_api_key.get_secret_value() or self.backend_url or self.backend_discovery:
+            return self
+        return self.model_copy(update={"backend_api_key": SecretStr(secrets.token_urlsafe(32))})
 
     def resolved_database_url(self) -> str:
         if self.database_url:

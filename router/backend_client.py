@@ -55,10 +55,15 @@ def classify(exc: httpx.HTTPError) -> FailureReason:
 class BackendClient:
     """Talks to one vLLM server over a shared, pooled httpx client."""
 
-    def __init__(self, base_url: str, timeout_s: float, max_connections: int = 512) -> None:
+    def __init__(
+        self, base_url: str, timeout_s: float, max_connections: int = 512, api_key: str = ""
+    ) -> None:
+        """`api_key`: the engine key (the backend_api_key setting), sent as a bearer token
+        on every request when set."""
         self.base_url = base_url.rstrip("/")
         self._client = httpx.AsyncClient(
             base_url=self.base_url,
+            headers={"Authorization": f"Bearer {api_key}"} if api_key else None,
             timeout=httpx.Timeout(timeout_s, connect=5.0),
             limits=httpx.Limits(
                 max_connections=max_connections, max_keepalive_connections=max_connections

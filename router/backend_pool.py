@@ -169,8 +169,11 @@ class BackendPool:
         eject_after_failures: int = 3,
         readmit_after_successes: int = 2,
         max_labels: int = 200,
+        api_key: str = "",
     ) -> None:
         self.discovery = discovery
+        self.api_key = api_key
+        """The engine key every replica's client sends (backend_api_key)."""
         self.resolver = resolver
         self.timeout_s = timeout_s
         self.max_held_adapters = max_held_adapters
@@ -211,6 +214,7 @@ class BackendPool:
             eject_after_failures=settings.eject_after_failures,
             readmit_after_successes=settings.readmit_after_successes,
             max_labels=settings.metrics_max_label_values,
+            api_key=settings.backend_api_key.get_secret_value(),
         )
 
     # ---- the set -------------------------------------------------------------------------
@@ -237,7 +241,7 @@ class BackendPool:
                 continue
             replica = Replica(
                 url,
-                BackendClient(url, timeout_s=self.timeout_s),
+                BackendClient(url, timeout_s=self.timeout_s, api_key=self.api_key),
                 self._label(url),
                 HeldAdapters(self.max_held_adapters),
                 admitted=admitted,

@@ -4,7 +4,9 @@ The backend listens on loopback only: the router is the only door. The child
 gets its own process group, and on Linux a parent-death signal, so neither
 Ctrl-C, SIGTERM nor a killed parent leaves an orphaned engine behind.
 Several children (local replicas) each get their share of the machine: one GPU,
-or a slice of the CPU cores (`replica_environment`).
+or a slice of the CPU cores (`replica_environment`). A child gets an allowlisted
+environment (`vllm_environment`), never the router's secrets, and the router's
+engine key, without which it answers 401.
 """
 
 from __future__ import annotations
@@ -66,23 +68,74 @@ def vllm_command(settings: ServeSettings, port: int | None = None) -> list[str]:
     ]
 
 
+# What an engine may inherit from the router's environment: the names an engine, its
+# libraries (torch, CUDA/ROCm, OpenMP, Hugging Face) and the plugin's S3 client read.
+# Everything else stays behind: the admin key, the database URL and its password, any
+# other secret of the router's. The plugin's LORAPLEX_* settings are written from
+# ServeSettings below, never copied.
+ENGINE_ENV_NAMES = frozenset(
+    {"PATH", "HOME", "USER", "LOGNAME", "LANG", "TZ", "TMPDIR", "LD_LIBRARY_PATH", "LD_PRELOAD"}
+    # A C++ compiler for loraplex's CPU LoRA kernel (serving/native_lora.py), a CA bundle
+    # and proxies for an S3 registry store.
+    | {"CC", "CXX", "SSL_CERT_FILE", "SSL_CERT_DIR", "REQUESTS_CA_BUNDLE", "XDG_CACHE_HOME"}
+    | {"HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY", "http_proxy", "https_proxy", "no_proxy"}
+)
+ENGINE_ENV_PREFIXES = (
+    "LC_",
+    "PYTHON",
+    "VLLM_",
+    "HF_",
+    "TRANSFORMERS_",
+    "TORCH",
+    "TRITON_",
+    "CUDA_",
+    "NVIDIA_",
+    "NCCL_",
+    "HIP_",
+    "ROCR_",
+    "OMP_",
+    "MKL_",
+    "KMP_",
+    "AWS_",
+)
+
+
+def engine_inherits(name: str) -> bool:
+    """Whether an engine child gets the router's environment variable `name`."""
+    return name in ENGINE_ENV_NAMES or name.startswith(ENGINE_ENV_PREFIXES)
+
+
+def plugin_environment(settings: ServeSettings) -> dict[str, str]:
+    """The LORAPLEX_* settings the plugin reads inside vLLM (serving/plugin.py)."""
+    return {
+        "LORAPLEX_ADAPTERS_DIR": str(settings.adapters_dir),
+        # The plugin's registry resolver reads the same store and cache as the router.
+        "LORAPLEX_REGISTRY_STORE": settings.registry_store,
+        "LORAPLEX_REGISTRY_S3_ENDPOINT_URL": settings.registry_s3_endpoint_url,
+        "LORAPLEX_REGISTRY_CACHE_DIR": str(settings.registry_cache_dir),
+        "LORAPLEX_REGISTRY_CACHE_GIB": str(settings.registry_cache_gib),
+        "LORAPLEX_CPU_LORA_KERNELS": settings.cpu_lora_kernels,
+    }
+
+
 def vllm_environment(settings: ServeSettings) -> dict[str, str]:
-    env = dict(os.environ)
+    """The engine's whole environment: the allowlisted part of this process's, the plugin's
+    settings, and the engine key (as VLLM_API_KEY, not `--api-key`: out of `ps`)."""
+    env = {name: value for name, value in os.environ.items() if engine_inherits(name)}
     # Adapters are registered at run time by the router through /v1/load_lora_adapter.
     env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "True"
     # vLLM on CPU otherwise reserves 92 % of the NUMA node's memory for KV cache.
     env.setdefault("VLLM_CPU_KVCACHE_SPACE", str(settings.kv_cache_gib))
     env.setdefault("VLLM_PLUGINS", "loraplex")
-    env["LORAPLEX_ADAPTERS_DIR"] = str(settings.adapters_dir)
-    # The plugin's registry resolver reads the same store and cache as the router.
-    env["LORAPLEX_REGISTRY_STORE"] = settings.registry_store
-    env["LORAPLEX_REGISTRY_S3_ENDPOINT_URL"] = settings.registry_s3_endpoint_url
-    env["LORAPLEX_REGISTRY_CACHE_DIR"] = str(settings.registry_cache_dir)
-    env["LORAPLEX_REGISTRY_CACHE_GIB"] = str(settings.registry_cache_gib)
-    env["LORAPLEX_CPU_LORA_KERNELS"] = settings.cpu_lora_kernels
+    env.update(plugin_environment(settings))
     env.setdefault("VLLM_LOGGING_CONFIG_PATH", str(VLLM_LOGGING_CONFIG))
     env.setdefault("HF_HUB_OFFLINE", "1")
     env.setdefault("TRANSFORMERS_OFFLINE", "1")
+    # vLLM then answers 401 on /v1/* (its guarded paths; /health, /metrics stay open) to
+    # anyone without the key, loopback neighbours included. Empty: whatever VLLM_API_KEY
+    # the operator gave the engine (a container's backend role) stays.
+    if key := settings.backend_api_key.get_secret_value():
+        env["VLLM_API_KEY"] = key
     return env
 
 

@@ -78,6 +78,21 @@ class Server:
     def adapter_names(self) -> list[str]:
         return [spec.name for spec in DEMO_ADAPTERS]
 
+    def engine_environment(self) -> dict[str, str]:
+        """The environment of the vLLM engine `loraplex serve` started (read from /proc)."""
+        port = self.backend_url.rsplit(":", 1)[1]
+        for pid in descendants(self.process.pid):
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            if b"vllm.entrypoints.openai.api_server" in cmdline and port.encode() in cmdline:
+                entries = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+                return dict(e.decode().split("=", 1) for e in entries if b"=" in e)
+        raise AssertionError("no vLLM engine under loraplex serve")
+
+    @property
+    def engine_headers(self) -> dict[str, str]:
+        """What the router sends the engine: its key, random per `loraplex serve`."""
+        return {"Authorization": f"Bearer {self.engine_environment()['VLLM_API_KEY']}"}
+
 
 @pytest.fixture(scope="session")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import httpx
 import openai
 import pytest
 
@@ -75,3 +76,23 @@ def test_request_id_header_is_returned(server: Server) -> None:
         model=BASE_NAME, messages=QUESTION, max_tokens=2, extra_headers={"x-request-id": "abc-123"}
     )
     assert raw.headers["x-request-id"] == "abc-123"
+
+
+def test_the_engine_answers_only_the_router_and_holds_none_of_its_secrets(server: Server) -> None:
+    # The router's database URL is set for this server (its registry catalog): the engine
+    # must not have it, nor anything else outside the allowlist.
+    engine_env = server.engine_environment()
+    assert server.env["LORAPLEX_DATABASE_URL"]
+    assert "LORAPLEX_DATABASE_URL" not in engine_env
+    assert engine_env["LORAPLEX_ADAPTERS_DIR"] == str(server.adapters_dir)
+    body = {"model": BASE_NAME, "prompt": "Hi", "max_tokens": 1}
+    url = f"{server.backend_url}/v1/completions"
+    assert httpx.post(url, json=body, timeout=60).status_code == 401  # loopback, no key
+    wrong = {"Authorization": "Bearer not-the-key"}
+    assert httpx.post(url, json=body, headers=wrong, timeout=60).status_code == 401
+    assert httpx.get(f"{server.backend_url}/v1/models", timeout=60).status_code == 401
+    right = httpx.post(url, json=body, headers=server.engine_headers, timeout=120)
+    assert right.status_code == 200, right.text
+    assert httpx.get(f"{server.backend_url}/health", timeout=60).status_code == 200
+    # The router itself reaches the engine with the key it generated.
+    assert chat(server, BASE_NAME)

@@ -177,8 +177,15 @@ def test_stock_vllm_resolves_a_version_id_through_the_plugin(server: Server, fle
         source, parse_registry_name("acme/direct"), catalog=catalog, store=store, checks=checks
     )
     body = {"model": record.version_id, "prompt": PROMPT, "max_tokens": 12, "temperature": 0}
-    direct = httpx.post(f"{server.backend_url}/v1/completions", json=body, timeout=600)
+    direct = httpx.post(
+        f"{server.backend_url}/v1/completions",
+        json=body,
+        headers=server.engine_headers,
+        timeout=600,
+    )
     assert direct.status_code == 200, direct.text
     assert direct.json()["choices"][0]["text"] == answer(server, "acme/direct")
     unknown = dict(body, model="lpx-" + "0" * 64)
-    assert httpx.post(f"{server.backend_url}/v1/completions", json=unknown).status_code == 404
+    headers = server.engine_headers
+    url = f"{server.backend_url}/v1/completions"
+    assert httpx.post(url, json=unknown, headers=headers).status_code == 404

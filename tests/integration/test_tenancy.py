@@ -85,7 +85,9 @@ def router(server: Server, tmp_path_factory: pytest.TempPathFactory) -> Iterator
     )
     for tenant in ("acme", "globex", "limited", "metrics"):
         router.cli("tenants", "create", tenant)
-    env = dict(os.environ, LORAPLEX_ADMIN_KEY=ADMIN_KEY)
+    # The session server's engine is external to this router: it needs the engine's key.
+    engine_key = server.engine_environment()["VLLM_API_KEY"]
+    env = dict(os.environ, LORAPLEX_ADMIN_KEY=ADMIN_KEY, LORAPLEX_BACKEND_API_KEY=engine_key)
     command = [
         sys.executable,
         "-m",

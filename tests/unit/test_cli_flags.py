@@ -35,7 +35,9 @@ ALL_COMMANDS = dict(commands(build_parser()))
 
 def test_commands_have_the_settings_they_read() -> None:
     flags = {" ".join(words): set(settings_actions(p)) for words, p in ALL_COMMANDS.items()}
-    assert flags["serve"] == set(ServeSettings.model_fields)
+    # Every setting but the secrets, which never get a flag (a command line shows in `ps`).
+    secrets = {"admin_key", "backend_api_key"}
+    assert flags["serve"] == set(ServeSettings.model_fields) - secrets
     assert flags["model pull"] == {"model_cache"}
     assert flags["adapters demo"] == {"base_model", "model_cache", "adapters_dir"}
     assert {"database_url", "registry_store", "base_model", "model_cache"} <= flags[
@@ -126,3 +128,45 @@ def test_model_pull_writes_into_the_model_cache(
     assert main(argv) == 0
     assert capsys.readouterr().out.strip() == str(target)  # verified there, not re-pulled
     assert (target / COMPLETE_MARKER).is_file()
+
+
+@pytest.mark.parametrize(
+    ("argv", "where"),
+    [
+        (["--admin-key", "s3cret-value"], "LORAPLEX_ADMIN_KEY or LORAPLEX_ADMIN_KEY_FILE"),
+        (["--admin-key=s3cret-value"], "LORAPLEX_ADMIN_KEY or LORAPLEX_ADMIN_KEY_FILE"),
+        (["--backend-api-key", "s3cret-value"], "LORAPLEX_BACKEND_API_KEY"),
+    ],
+)
+def test_a_secret_given_as_a_flag_is_refused_without_echoing_it(
+    argv: list[str], where: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        build_parser().parse_args(["serve", *argv])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2
+    assert "is not accepted" in err and where in err
+    assert "s3cret-value" not in err
+
+
+def test_the_admin_key_comes_from_a_file(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.delenv("LORAPLEX_ADMIN_KEY", raising=False)
+    key_file = tmp_path / "admin-key"
+    key_file.write_text("the-admin-key\n")  # as `echo KEY > file` writes it
+    monkeypatch.setenv("LORAPLEX_ADMIN_KEY_FILE", str(key_file))
+    assert parse().admin_key.get_secret_value() == "the-admin-key"
+    assert parse("--admin-key-file", str(key_file)).admin_key.get_secret_value() == "the-admin-key"
+
+    missing = tmp_path / "no-such-file"
+    with pytest.raises(SystemExit) as exit_info:
+        parse("--admin-key-file", str(missing))
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert f"admin_key_file {missing} cannot be read" in err and "Traceback" not in err
+
+    monkeypatch.setenv("LORAPLEX_ADMIN_KEY", "also-set")
+    with pytest.raises(SystemExit):
+        parse()
+    assert "set admin_key or admin_key_file, not both" in capsys.readouterr().err

@@ -7,6 +7,7 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
+from loraplex.cli_flags import is_secret
 from loraplex.settings import ServeSettings
 
 REPO = Path(__file__).resolve().parents[2]
@@ -26,10 +27,14 @@ def test_committed_reference_is_the_generated_one():
 
 
 def test_every_setting_has_a_row_with_its_flag_and_variable():
-    rows = [line for line in PAGE.read_text().splitlines() if line.startswith("| `--")]
+    rows = [
+        line for line in PAGE.read_text().splitlines() if line.startswith(("| `--", "| (none)"))
+    ]
     assert len(rows) == len(ServeSettings.model_fields)
     for name, row in zip(ServeSettings.model_fields, rows, strict=True):
-        assert f"`--{name.replace('_', '-')}`" in row
+        # Secrets have no flag (a command line shows in `ps`): only their variable.
+        flag = "(none)" if is_secret(name) else f"`--{name.replace('_', '-')}`"
+        assert row.startswith(f"| {flag}"), row
         assert f"`LORAPLEX_{name.upper()}`" in row
 
 
