@@ -72,6 +72,27 @@ def test_tokens_are_charged_after_the_response(
     ledger.settle(ledger.admit(1, "base"), 10)  # type: ignore[arg-type]
 
 
+def test_a_worst_case_beyond_the_tokens_left_is_refused_up_front(
+    store: TenancyStore, ledger: QuotaLedger, clock: Clock
+) -> None:
+    store.set_quota("acme", tokens_per_minute=1000)
+    store.set_quota("acme", "acme/bot", tokens_per_minute=100)
+    with pytest.raises(QuotaExceeded) as caught:
+        ledger.admit(1, "base", worst_case_tokens=1001)  # can never fit: lower max_tokens
+    assert (caught.value.limit, caught.value.retry_after_s) == ("tokens_per_minute", 60)
+    with pytest.raises(QuotaExceeded):
+        ledger.admit(1, "acme/bot@stable", worst_case_tokens=101)  # the adapter's own limit
+    ledger.settle(ledger.admit(1, "base", worst_case_tokens=1000), 600)  # type: ignore[arg-type]
+    with pytest.raises(QuotaExceeded) as caught:
+        ledger.admit(1, "base", worst_case_tokens=500)  # 400 left
+    # 100 tokens short at 1000/min: 6 s; the refusal charged nothing.
+    assert caught.value.retry_after_s == 6
+    ledger.admit(1, "base", worst_case_tokens=400)
+    ledger.admit(1, "base")  # no maximum in the body: not checked up front
+    clock.now += 6
+    ledger.admit(1, "base", worst_case_tokens=500)
+
+
 def test_concurrency_leases_release_and_lapse(
     store: TenancyStore, ledger: QuotaLedger, clock: Clock
 ) -> None:
