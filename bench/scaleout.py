@@ -549,10 +549,10 @@ def table(report: dict) -> str:
         ttft_text = f"{ttft['p50']:.0f} / {ttft['p95']:.0f}" if ttft else "-"
         loads = f"{summary['adapter_loads']} / {summary['adapter_loads_after_warmup']}"
         result = "-" if ok is None else verdict(ok)
-        cpu = summary["cpu"]
-        wait = (
-            f"{cpu['router']['runqueue_wait_ms_per_s']:.0f} / "
-            f"{cpu['client']['runqueue_wait_ms_per_s']:.0f}"
+        cpu = summary.get("cpu") or {}
+        wait = " / ".join(
+            f"{cpu[name]['runqueue_wait_ms_per_s']:.0f}" if name in cpu else "-"
+            for name in ("router", "client")
         )
         rows.append(
             f"| {name} | {picker} | {summary['requests']} | {summary['failed']} | {loads} | "
