@@ -2,27 +2,21 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
 
-from tests.integration.conftest import free_port
+from tests.unit.registry_helpers import free_port
+from tests.unit.serve_process import clean_env, serve_command, wait_answering
 
 
 def _serve(tmp_path: Path, *flags: str) -> tuple[subprocess.Popen, str]:
     port = free_port()
-    command = [
-        sys.executable,
-        "-m",
-        "loraplex.cli",
-        "serve",
-        "--port",
-        str(port),
+    command = serve_command(
+        port,
         # A backend that is never reached: these checks happen before any model work.
         "--backend-url",
         "http://127.0.0.1:9",
@@ -33,22 +27,19 @@ def _serve(tmp_path: Path, *flags: str) -> tuple[subprocess.Popen, str]:
         "--adapters-dir",
         str(tmp_path),
         *flags,
-    ]
-    env = {k: v for k, v in os.environ.items() if not k.startswith("LORAPLEX_")}
-    process = subprocess.Popen(command, env=env, stderr=subprocess.PIPE, text=True)
+    )
+    process = subprocess.Popen(command, env=clean_env(), stderr=subprocess.PIPE, text=True)
     return process, f"http://127.0.0.1:{port}"
 
 
 def _wait_health(process: subprocess.Popen, url: str) -> None:
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        assert process.poll() is None, process.stderr.read() if process.stderr else ""
-        try:
-            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                return
-        except httpx.HTTPError:
-            time.sleep(0.2)
-    raise AssertionError("router did not start")
+    # stderr is a pipe: readable (to its end) only once the router has exited.
+    def stderr() -> str:
+        if process.poll() is None or process.stderr is None:
+            return ""
+        return process.stderr.read()
+
+    wait_answering(process, url, "/health", 60, stderr)
 
 
 def _stop(process: subprocess.Popen) -> str:

@@ -10,7 +10,6 @@ completion asked for, and can hold completions until the test lets them go.
 from __future__ import annotations
 
 import asyncio
-import os
 import re
 import signal
 import subprocess
@@ -31,6 +30,7 @@ from fastapi.responses import PlainTextResponse
 
 from tests.postgres_server import PostgresServer, PostgresUnavailable
 from tests.unit.registry_helpers import free_port, make_adapter_dir, make_base_dir
+from tests.unit.serve_process import clean_env, serve_command, wait_answering
 
 pytestmark = pytest.mark.postgres
 
@@ -156,7 +156,7 @@ class Cluster:
             capture_output=True,
             text=True,
             timeout=120,
-            env=_clean_env(),
+            env=clean_env(),
         )
         assert result.returncode == 0, result.stdout + result.stderr
         match = re.search(r"published \S+ \(@latest\) (\S+)", result.stdout)
@@ -164,22 +164,13 @@ class Cluster:
         return match.group(1)
 
 
-def _clean_env() -> dict[str, str]:
-    return {k: v for k, v in os.environ.items() if not k.startswith("LORAPLEX_")}
-
-
 def _start_router(
     tmp: Path, number: int, backend_url: str, database_url: str, base_dir: Path
 ) -> tuple[subprocess.Popen, str, Path]:
     port = free_port()
     log = tmp / f"router{number}.log"
-    command = [
-        sys.executable,
-        "-m",
-        "loraplex.cli",
-        "serve",
-        "--port",
-        str(port),
+    command = serve_command(
+        port,
         "--backend-url",
         backend_url,
         "--base-model",
@@ -194,24 +185,11 @@ def _start_router(
         str(tmp / "store"),
         "--registry-cache-dir",
         str(tmp / f"cache{number}"),
-    ]
-    env = {**_clean_env(), "LORAPLEX_ADMIN_KEY": ADMIN_KEY}
+    )
+    env = {**clean_env(), "LORAPLEX_ADMIN_KEY": ADMIN_KEY}
     with log.open("w") as sink:
         process = subprocess.Popen(command, env=env, stdout=sink, stderr=subprocess.STDOUT)
     return process, f"http://127.0.0.1:{port}", log
-
-
-def _wait_ready(process: subprocess.Popen, url: str, log: Path) -> None:
-    deadline = time.monotonic() + 90
-    while time.monotonic() < deadline:
-        assert process.poll() is None, f"router exited:\n{log.read_text()}"
-        try:
-            if httpx.get(f"{url}/ready", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.1)
-    raise AssertionError(f"router not ready after 90 s:\n{log.read_text()}")
 
 
 @pytest.fixture(scope="module")
@@ -233,7 +211,7 @@ def cluster(
     routers = [_start_router(tmp, n, backend_url, database_url, base_dir) for n in (0, 1)]
     try:
         for process, url, log in routers:
-            _wait_ready(process, url, log)
+            wait_answering(process, url, "/ready", 90, log.read_text)
         yield Cluster([url for _, url, _ in routers], backend, database_url, tmp, base_dir)
     finally:
         for process, _, _ in routers:
