@@ -34,7 +34,7 @@ from pathlib import Path
 
 import httpx
 import torch
-from bench_common import free_port, percentile, wait_ready
+from bench_common import free_port, percentile, serve_command, wait_ready
 from safetensors.torch import load_file, save_file
 
 from loraplex.adapters.blob_store import open_blob_store
@@ -146,13 +146,8 @@ def main() -> int:
     print(f"publishing {args.adapters} adapters (r={RANK}) into {work}", file=sys.stderr)
     names = publish_fleet(work, env, args.adapters)
     port, backend_port = free_port(), free_port()
-    command = [
-        sys.executable,
-        "-m",
-        "loraplex.cli",
-        "serve",
-        "--port",
-        str(port),
+    command = serve_command(
+        port,
         "--backend-port",
         str(backend_port),
         "--dtype",
@@ -163,7 +158,7 @@ def main() -> int:
         str(args.max_cpu_loras),
         "--log-level",
         "warning",
-    ]
+    )
     process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     try:

@@ -7,6 +7,7 @@ import os
 import platform
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -22,6 +23,11 @@ def free_port() -> int:
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+def serve_command(port: int, *flags: str) -> list[str]:
+    """`loraplex serve --port PORT FLAGS...`, run by this interpreter."""
+    return [sys.executable, "-m", "loraplex.cli", "serve", "--port", str(port), *flags]
 
 
 def wait_ready(url: str, process: subprocess.Popen, path: str = "/ready") -> bool:

@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 
 import httpx
-from bench_common import free_port, percentile, wait_ready
+from bench_common import free_port, percentile, serve_command, wait_ready
 
 from loraplex.base_model import pull_embedded_model
 from loraplex.training.demo_adapters import DEMO_ADAPTERS, ensure_demo_adapters
@@ -106,13 +106,8 @@ def stub_overhead(models: list[str], adapters_dir: Path, count: int) -> list[flo
     try:
         if not wait_ready(stub, processes[0], "/health"):
             raise RuntimeError("stub backend failed to start")
-        command = [
-            sys.executable,
-            "-m",
-            "loraplex.cli",
-            "serve",
-            "--port",
-            str(port),
+        command = serve_command(
+            port,
             "--backend-url",
             stub,
             "--base-model",
@@ -121,7 +116,7 @@ def stub_overhead(models: list[str], adapters_dir: Path, count: int) -> list[flo
             "warning",
             "--adapters-dir",
             str(adapters_dir),
-        ]
+        )
         processes.append(subprocess.Popen(command, stdout=subprocess.DEVNULL))
         if not wait_ready(router, processes[1]):
             raise RuntimeError("router failed to start")
@@ -178,20 +173,15 @@ def main() -> int:
         return 0
     port, backend_port = free_port(), free_port()
     router, direct = f"http://127.0.0.1:{port}", f"http://127.0.0.1:{backend_port}"
-    command = [
-        sys.executable,
-        "-m",
-        "loraplex.cli",
-        "serve",
-        "--port",
-        str(port),
+    command = serve_command(
+        port,
         "--backend-port",
         str(backend_port),
         "--dtype",
         args.dtype,
         "--log-level",
         "warning",
-    ]
+    )
     env = dict(
         os.environ, LORAPLEX_ADAPTERS_DIR=str(adapters_dir), LORAPLEX_BACKEND_API_KEY=ENGINE_KEY
     )
