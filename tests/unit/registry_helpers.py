@@ -27,6 +27,28 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+@contextmanager
+def uvicorn_in_thread(
+    config: uvicorn.Config, start_timeout_s: float = 10
+) -> Iterator[uvicorn.Server]:
+    """Runs `config`'s server on a daemon thread for the `with` block and stops it after.
+
+    Waits up to `start_timeout_s` for it to start; the caller checks `server.started`
+    where a server that did not start must fail the test at once.
+    """
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + start_timeout_s
+    while not server.started and time.monotonic() < deadline:
+        time.sleep(0.02)
+    try:
+        yield server
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+
+
 def make_adapter_dir(folder: Path, seed: int, rank: int = 8, **config: object) -> Path:
     """A peft-format LoRA folder (2 layers, q/v) whose weights depend on `seed`."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -122,14 +144,5 @@ class FakeVLLM:
     def serve(self) -> Iterator[str]:
         port = free_port()
         config = uvicorn.Config(self.app, host="127.0.0.1", port=port, log_level="error")
-        server = uvicorn.Server(config)
-        thread = threading.Thread(target=server.run, daemon=True)
-        thread.start()
-        deadline = time.monotonic() + 10
-        while not server.started and time.monotonic() < deadline:
-            time.sleep(0.02)
-        try:
+        with uvicorn_in_thread(config):
             yield f"http://127.0.0.1:{port}"
-        finally:
-            server.should_exit = True
-            thread.join(timeout=10)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import socket
-import threading
 import time
 from collections.abc import Iterator
 
@@ -13,7 +12,7 @@ import pytest
 import uvicorn
 
 from loraplex.router.http_limits import bounded_httptools
-from tests.unit.registry_helpers import free_port
+from tests.unit.registry_helpers import free_port, uvicorn_in_thread
 
 
 async def _app(scope: dict, receive, send) -> None:  # type: ignore[no-untyped-def]
@@ -30,17 +29,8 @@ def port() -> Iterator[int]:
     port = free_port()
     protocol = bounded_httptools(max_head_bytes=64 << 10, head_timeout_s=1.0)
     config = uvicorn.Config(_app, host="127.0.0.1", port=port, http=protocol, log_level="error")
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not server.started and time.monotonic() < deadline:
-        time.sleep(0.05)
-    try:
+    with uvicorn_in_thread(config):
         yield port
-    finally:
-        server.should_exit = True
-        thread.join(10)
 
 
 def _exchange(port: int, request: bytes) -> tuple[bytes, float]:

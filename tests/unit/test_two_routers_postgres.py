@@ -14,7 +14,6 @@ import re
 import signal
 import subprocess
 import sys
-import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -29,7 +28,12 @@ from fastapi import FastAPI, Request
 from fastapi.responses import PlainTextResponse
 
 from tests.postgres_server import PostgresServer, PostgresUnavailable
-from tests.unit.registry_helpers import free_port, make_adapter_dir, make_base_dir
+from tests.unit.registry_helpers import (
+    free_port,
+    make_adapter_dir,
+    make_base_dir,
+    uvicorn_in_thread,
+)
 from tests.unit.serve_process import clean_env, serve_command, wait_answering
 
 pytestmark = pytest.mark.postgres
@@ -84,16 +88,12 @@ class HoldingBackend:
     def serve(self) -> Iterator[str]:
         port = free_port()
         config = uvicorn.Config(self.app, host="127.0.0.1", port=port, log_level="error")
-        server = uvicorn.Server(config)
-        thread = threading.Thread(target=server.run, daemon=True)
-        thread.start()
-        _wait(lambda: server.started, 20, "stand-in backend did not start")
-        try:
-            yield f"http://127.0.0.1:{port}"
-        finally:
-            self.hold = False
-            server.should_exit = True
-            thread.join(timeout=10)
+        with uvicorn_in_thread(config, start_timeout_s=20) as server:
+            assert server.started, "stand-in backend did not start"
+            try:
+                yield f"http://127.0.0.1:{port}"
+            finally:
+                self.hold = False  # lets held completions finish before the server stops
 
 
 def _wait(condition: Callable[[], bool], timeout_s: float, message: str) -> None:
