@@ -75,6 +75,9 @@ def router(server: Server, tmp_path_factory: pytest.TempPathFactory) -> Iterator
     adapters_dir = root / "adapters"
     for name, source in ADAPTERS.items():
         shutil.copytree(server.adapters_dir / source, adapters_dir / name)
+        # The engine's resolver loads local adapters from its own folder, which an external
+        # engine shares with its routers (docs/serving.md): put them there too.
+        shutil.copytree(server.adapters_dir / source, server.adapters_dir / name)
     port = free_port()
     log_path = root / "router.log"
     router = TenantRouter(
