@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import re
 import shutil
-import socket
 import subprocess
 import time
 import urllib.parse
@@ -30,6 +29,7 @@ from tests.unit.deploy_support import (
     router_metric_names,
     vllm_metric_names,
 )
+from tests.unit.registry_helpers import free_port
 
 PROMTOOL = shutil.which("promtool")
 needs_promtool = pytest.mark.skipif(
@@ -229,12 +229,6 @@ def test_inhibited_alerts_exist():
 # ---- a real Prometheus server ---------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _get(url: str) -> dict:
     try:
         with urllib.request.urlopen(url, timeout=10) as response:
@@ -253,7 +247,7 @@ def prometheus_url(tmp_path_factory):
     (workdir / "prometheus.yml").write_text(
         yaml.safe_dump({"global": {"evaluation_interval": "1s"}, "rule_files": ["alerts.yml"]})
     )
-    port = _free_port()
+    port = free_port()
     process = subprocess.Popen(
         [
             "prometheus",

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 import subprocess
 import sys
 import threading
@@ -28,6 +27,7 @@ from vllm.entrypoints.serve.middleware.register import init_entrypoints_middlewa
 from loraplex.router.backend_client import BackendClient
 from loraplex.serving.vllm_backend import vllm_command, vllm_environment
 from loraplex.settings import ServeSettings
+from tests.unit.registry_helpers import free_port
 
 SECRETS = {
     "LORAPLEX_ADMIN_KEY": "admin-secret-0123",
@@ -130,12 +130,6 @@ def test_local_engines_get_a_random_key_per_serve_and_external_ones_only_a_set_k
     assert chosen.backend_api_key.get_secret_value() == "operator-key"
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture
 def vllm_guarded_server(settings: ServeSettings, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
     """A server behind the key check vLLM's API server installs, configured from the
@@ -154,7 +148,7 @@ def vllm_guarded_server(settings: ServeSettings, monkeypatch: pytest.MonkeyPatch
         middleware=[],
     )
     init_entrypoints_middleware(args, app, supported_tasks=())
-    port = _free_port()
+    port = free_port()
     server = uvicorn.Server(uvicorn.Config(app, port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()

@@ -12,7 +12,6 @@ import dataclasses
 import logging
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -33,6 +32,7 @@ from loraplex.serving.vllm_backend import (
     cpu_share,
     replica_environment,
 )
+from tests.unit.registry_helpers import free_port
 
 FAKE_ENGINE = Path(__file__).with_name("fake_vllm_engine.py")
 FAST = RestartPolicy(
@@ -47,12 +47,6 @@ FAST = RestartPolicy(
     poll_interval_s=0.05,
     health_timeout_s=0.5,
 )
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def fake_engine(mode: str = "serve") -> VLLMBackendProcess:
