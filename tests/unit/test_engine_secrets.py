@@ -11,8 +11,6 @@ import asyncio
 import json
 import subprocess
 import sys
-import threading
-import time
 from argparse import Namespace
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,7 +25,7 @@ from vllm.entrypoints.serve.middleware.register import init_entrypoints_middlewa
 from loraplex.router.backend_client import BackendClient
 from loraplex.serving.vllm_backend import vllm_command, vllm_environment
 from loraplex.settings import ServeSettings
-from tests.unit.registry_helpers import free_port
+from tests.unit.registry_helpers import free_port, uvicorn_in_thread
 
 SECRETS = {
     "LORAPLEX_ADMIN_KEY": "admin-secret-0123",
@@ -149,15 +147,9 @@ def vllm_guarded_server(settings: ServeSettings, monkeypatch: pytest.MonkeyPatch
     )
     init_entrypoints_middleware(args, app, supported_tasks=())
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started and time.monotonic() < deadline:
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    thread.join(timeout=10)
+    config = uvicorn.Config(app, port=port, log_level="warning")
+    with uvicorn_in_thread(config, start_timeout_s=30):
+        yield f"http://127.0.0.1:{port}"
 
 
 def test_the_router_client_sends_the_engine_key_and_others_get_401(

@@ -5,7 +5,6 @@ quota charge per retried request, /ready and /health, and adapter affinity end t
 from __future__ import annotations
 
 import json
-import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -31,7 +30,7 @@ from loraplex.router.metrics import (
 from loraplex.router.picker import rendezvous_score
 from loraplex.router.tenancy.store import TenancyStore, quotas
 from loraplex.settings import ServeSettings
-from tests.unit.registry_helpers import free_port
+from tests.unit.registry_helpers import free_port, uvicorn_in_thread
 from tests.unit.stub_replica import StubReplica, closed_port_url, stub_replicas
 
 
@@ -206,12 +205,8 @@ def test_a_client_leaving_a_stream_frees_its_replica(tmp_path: Path):
         a.event_delay_s = 1.0  # the whole stream would take 3 s
         app = create_app(make_settings(tmp_path), [a.url])
         port = free_port()
-        server = uvicorn.Server(uvicorn.Config(app, port=port, log_level="error"))
-        thread = threading.Thread(target=server.run, daemon=True)
-        thread.start()
-        try:
-            while not server.started:
-                time.sleep(0.02)
+        config = uvicorn.Config(app, port=port, log_level="error")
+        with uvicorn_in_thread(config, start_timeout_s=30):
             body = {"model": "base", "prompt": "x", "stream": True}
             url = f"http://127.0.0.1:{port}/v1/completions"
             with httpx.stream("POST", url, json=body, timeout=10) as response:
@@ -222,9 +217,6 @@ def test_a_client_leaving_a_stream_frees_its_replica(tmp_path: Path):
             while value(BACKEND_IN_FLIGHT, backend=a.url) and time.monotonic() < deadline:
                 time.sleep(0.05)
             assert value(BACKEND_IN_FLIGHT, backend=a.url) == 0
-        finally:
-            server.should_exit = True
-            thread.join(10)
 
 
 # ---- the retry budget, and no replica at all ---------------------------------------------
