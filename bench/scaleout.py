@@ -463,6 +463,7 @@ def summarise(run: Run, warmup_s: float) -> dict:
     plain = [o.latency_s for o in measured if not o.stream and o.ok and o.latency_s]
     failures = [o for o in outcomes if not o.ok]
     final_loads = [s["loads"] if s else None for s in run.stub_stats]
+    live = [s for s in run.stub_stats if s is not None]
     loads_after_warmup = [
         end - start
         for end, start in zip(final_loads, run.loads_at_warmup, strict=True)
@@ -484,6 +485,11 @@ def summarise(run: Run, warmup_s: float) -> dict:
         "adapter_loads_per_replica": final_loads,
         "requests_per_replica": [s["requests"] if s else None for s in run.stub_stats],
         "step_time_overshoot": step_overshoot(run.stub_stats),
+        "slot_waits": {
+            "requests": sum(s["slot_waits"] for s in live),
+            "seconds_total": round(sum(s["slot_wait_s_total"] for s in live), 2),
+            "seconds_max": max((s["slot_wait_s_max"] for s in live), default=0.0),
+        },
         "cpu": run.cpu,
         "ttft_ms": latency_ms(ttfts),
         "non_streamed_latency_ms": latency_ms(plain),

@@ -76,6 +76,8 @@ class Sequence:
     produced: int = 0
     ready_at: float = 0.0  # load-mode "request": when its adapter load is done
     cancelled: bool = False
+    submitted_at: float = field(default_factory=time.monotonic)
+    blocked: bool = False  # skipped at least once: every slot was in use
 
 
 @dataclass
@@ -95,6 +97,10 @@ class Engine:
         self.loading: list[Sequence] = []
         self.loads = 0
         self.evictions = 0
+        # Requests that waited because every slot was in use, and how long they waited.
+        self.slot_waits = 0
+        self.slot_wait_s_total = 0.0
+        self.slot_wait_s_max = 0.0
         self.requests = 0
         self.tokens = 0
         # Step sleeps asked for and taken: on a busy machine the loop wakes late, and
@@ -148,8 +154,14 @@ class Engine:
                 continue
             taken = self._take_slot(sequence.adapter)
             if taken is None:
+                sequence.blocked = True
                 skipped.append(sequence)
                 continue
+            if sequence.blocked:
+                waited = now - sequence.submitted_at
+                self.slot_waits += 1
+                self.slot_wait_s_total += waited
+                self.slot_wait_s_max = max(self.slot_wait_s_max, waited)
             admitted += 1
             slot, load = taken
             if self.config.load_mode == "stall":
@@ -215,6 +227,9 @@ class Engine:
         return {
             "loads": self.loads,
             "evictions": self.evictions,
+            "slot_waits": self.slot_waits,
+            "slot_wait_s_total": round(self.slot_wait_s_total, 3),
+            "slot_wait_s_max": round(self.slot_wait_s_max, 3),
             "requests": self.requests,
             "tokens": self.tokens,
             "step_s_nominal": round(self.step_s_nominal, 3),
