@@ -8,11 +8,10 @@ counts and which adapters it believes each holds) and gets a `Decision` back. Th
 - an adapter: order the replicas by rendezvous hash of (adapter_id, replica name); the
   candidates are the first k, k = min(n, 1 + floor(adapter_in_flight / spill_in_flight)),
   so a hot adapter spreads to more replicas and shrinks back when it cools;
-- bounded load: a replica has room for the request only if, with it, its in-flight stays
-  at or under the bound = max(c x mean, mean + 1), the mean counting this request
-  ((sum + 1) / n, at least 1; the + 1 floor matters only at low load);
-- among candidates with room, one that holds the adapter (`affinity_hit`), else the
-  least loaded (`miss`); if none has room, the first replica with room further down the
+- bounded load: a replica may take the request only if its in-flight is at or under
+  c x the mean in-flight, the mean counting this request ((sum + 1) / n, at least 1);
+- among candidates under the bound, one that holds the adapter (`affinity_hit`), else the
+  least loaded (`miss`); if none is under it, the first replica under it further down the
   rendezvous order (`spill`); if none at all, the least loaded overall (`spill`);
 - `exclude` removes replicas (those a failed request already tried); `NoReplica` when
   nothing is left.
@@ -152,17 +151,7 @@ class AdapterAwarePicker:
         for replica in eligible:
             total += replica.in_flight
         mean = (total + 1) / count
-        if mean < 1.0:
-            mean = 1.0
-        # A replica may take the request if it stays within the bound once it has: checked
-        # before adding, a replica at the bound took one more and the hot-adapter bench saw
-        # 1.5 x the mean. The bound is at least mean + 1 so that, at low load where c x mean
-        # is below one more request, a busy home keeps its adapter (the least loaded
-        # replica, at or under the mean, always has room).
-        bound = self.load_factor * mean
-        if bound < mean + 1.0:
-            bound = mean + 1.0
-        room = bound - 1.0  # the most in flight a replica may have and still take it
+        bound = self.load_factor * (mean if mean > 1.0 else 1.0)
         # Slicing caps k at the replica count; a negative count (a bookkeeping slip) is 0.
         k = 1 + int(adapter_in_flight // self.spill_in_flight) if adapter_in_flight > 0 else 1
         # Weights by C-level lookups (map, max, list.index) rather than a key lambda per
@@ -172,14 +161,14 @@ class AdapterAwarePicker:
         weights = list(map(self._scores_of(adapter_id).__getitem__, [r.name for r in eligible]))
         if k == 1:
             home = eligible[weights.index(max(weights))]
-            if home.in_flight <= room:
+            if home.in_flight <= bound:
                 kind: DecisionKind = "affinity_hit" if adapter_id in home.holds else "miss"
                 return Decision(home.name, kind)
         order = [eligible[i] for i in sorted(range(count), key=weights.__getitem__, reverse=True)]
         holder: ReplicaState | None = None
         lightest: ReplicaState | None = None
         for replica in order[:k]:
-            if replica.in_flight > room:
+            if replica.in_flight > bound:
                 continue
             if adapter_id in replica.holds:
                 if holder is None or replica.in_flight < holder.in_flight:
@@ -192,10 +181,10 @@ class AdapterAwarePicker:
             return Decision(lightest.name, "miss")
 
         for replica in order[k:]:
-            if replica.in_flight <= room:
+            if replica.in_flight <= bound:
                 return Decision(replica.name, "spill")
-        # Not reached: the least loaded replica is at or under the mean, so it has room.
-        # The rule's last resort all the same.
+        # Not reached in practice: the least loaded replica is at or under the mean, so
+        # under the bound. The rule's last resort all the same.
         return Decision(_least_loaded(eligible).name, "spill")
 
 

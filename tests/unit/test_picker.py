@@ -129,10 +129,10 @@ def test_a_busy_home_spills_down_the_rendezvous_order():
     order = rendezvous_order(adapter, names)
     index = {n: i for i, n in enumerate(names)}
     picker = AdapterAwarePicker()  # c = 1.25
-    # Home has 6 in flight: mean (6 + 1) / 4 = 1.75, bound max(2.19, 2.75): no room at home.
+    # Home has 6 in flight: mean (6 + 1) / 4 = 1.75, bound 2.19: home is over it.
     busy_home = replicas(4, in_flight={index[order[0]]: 6})
     assert picker.pick(adapter, busy_home) == Decision(order[1], "spill")
-    # Home and the next both full (mean 13 / 4, bound max(4.06, 4.25)): the third in order.
+    # Home and the next both over the bound (13 / 4 x 1.25 = 4.06): the third in order.
     both = replicas(4, in_flight={index[order[0]]: 6, index[order[1]]: 6})
     assert picker.pick(adapter, both) == Decision(order[2], "spill")
     # A holder over the bound is passed over too.
@@ -143,8 +143,7 @@ def test_a_busy_home_spills_down_the_rendezvous_order():
 def test_one_adapter_at_half_the_traffic_keeps_every_replica_near_the_mean():
     """32 clients in a closed loop (each sends its next request when one finishes) over 4
     replicas and 64 adapters, one adapter half of all requests: after every decision no
-    replica has more than c x the mean in flight (mean + 1 at low load), and the hot
-    adapter spreads out."""
+    replica has more than c x mean + 1 in flight, and the hot adapter spreads out."""
     rng = random.Random(13)
     count, clients, load_factor = 4, 32, 1.25
     picker = AdapterAwarePicker(load_factor=load_factor)
@@ -170,9 +169,8 @@ def test_one_adapter_at_half_the_traffic_keeps_every_replica_near_the_mean():
         running.append((adapter, decision.replica))
         if adapter == hot:
             hot_replicas.add(decision.replica)
-        # The bound holds after the decision: at most c x the mean (mean + 1 at low load).
-        mean = max(1.0, sum(in_flight.values()) / count)
-        assert max(in_flight.values()) <= max(load_factor * mean, mean + 1), in_flight
+        mean = sum(in_flight.values()) / count
+        assert max(in_flight.values()) <= load_factor * max(1.0, mean) + 1, in_flight
     # ~16 hot requests in flight cannot fit under one replica's bound (~10): it spread.
     assert len(hot_replicas) >= 2, hot_replicas
     assert kinds["affinity_hit"] > 0.8 * sum(kinds.values()), kinds  # adapters mostly stay put
@@ -258,22 +256,17 @@ def rule_as_written(adapter, pool, adapter_in_flight, exclude, c=1.25, spill=4.0
     pool = [r for r in pool if r.name not in exclude]
     if adapter is None:
         return Decision(min(pool, key=lambda r: r.in_flight).name, "least_loaded")
-    mean = max(1.0, (sum(r.in_flight for r in pool) + 1) / len(pool))
-    bound = max(c * mean, mean + 1)  # in flight once this request is added
-
-    def has_room(replica):
-        return replica.in_flight + 1 <= bound
-
+    bound = c * max(1.0, (sum(r.in_flight for r in pool) + 1) / len(pool))
     order = rendezvous_order(adapter, [r.name for r in pool])
     by_name = {r.name: r for r in pool}
     k = min(len(pool), 1 + int(max(adapter_in_flight, 0) // spill))
-    under = [by_name[n] for n in order[:k] if has_room(by_name[n])]
+    under = [by_name[n] for n in order[:k] if by_name[n].in_flight <= bound]
     holders = [r for r in under if adapter in r.holds]
     if holders:
         return Decision(min(holders, key=lambda r: r.in_flight).name, "affinity_hit")
     if under:
         return Decision(min(under, key=lambda r: r.in_flight).name, "miss")
-    return Decision(next(n for n in order if has_room(by_name[n])), "spill")
+    return Decision(next(n for n in order if by_name[n].in_flight <= bound), "spill")
 
 
 def test_decisions_follow_the_documented_rule_on_random_snapshots():
