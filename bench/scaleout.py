@@ -619,29 +619,57 @@ def table(report: dict) -> str:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     defaults = EngineConfig()
-    parser.add_argument("--scenarios", default="zipf,hot,kill,speed", help="which to run")
-    parser.add_argument("--replicas", type=int, default=4)
-    parser.add_argument("--adapters", type=int, default=64)
-    parser.add_argument("--zipf", type=float, default=1.1)
-    parser.add_argument("--utilisation", type=float, default=0.7)
+    parser.add_argument(
+        "--scenarios",
+        default="zipf,hot,kill,speed",
+        help="comma-separated: zipf (affinity vs round-robin), hot (one adapter at 50 %%), "
+        "kill (SIGKILL one of 3 replicas under load), speed (picker decision time)",
+    )
+    parser.add_argument("--replicas", type=int, default=4, help="simulated vLLM replicas")
+    parser.add_argument("--adapters", type=int, default=64, help="distinct adapters requested")
+    parser.add_argument("--zipf", type=float, default=1.1, help="Zipf exponent of popularity")
+    parser.add_argument(
+        "--utilisation", type=float, default=0.7, help="offered load / the replicas' peak"
+    )
     parser.add_argument("--tokens", type=int, default=32, help="output tokens per request")
     parser.add_argument("--load-duration", type=float, default=60.0, help="zipf run, per picker")
-    parser.add_argument("--hot-duration", type=float, default=45.0)
+    parser.add_argument("--hot-duration", type=float, default=45.0, help="hot run, seconds")
     parser.add_argument("--duration", type=float, default=60.0, help="kill scenario")
     parser.add_argument(
         "--warmup", type=float, default=15.0, help="zipf and hot runs: seconds not measured"
     )
     parser.add_argument("--quick", action="store_true", help="15 s runs, for a smoke test")
-    parser.add_argument("--seed", type=int, default=1)
-    parser.add_argument("--max-loras", type=int, default=defaults.max_loras)
-    parser.add_argument("--max-num-seqs", type=int, default=defaults.max_num_seqs)
-    parser.add_argument("--load-s", type=float, default=defaults.load_s)
-    parser.add_argument("--step-s", type=float, default=defaults.step_s)
-    parser.add_argument("--batch-slowdown", type=float, default=defaults.batch_slowdown)
-    parser.add_argument("--load-mode", choices=["stall", "request"], default=defaults.load_mode)
-    parser.add_argument("--out", type=Path, default=Path("bench/results/scaleout.json"))
+    parser.add_argument("--seed", type=int, default=1, help="seed of the request sequence")
+    parser.add_argument(
+        "--max-loras", type=int, default=defaults.max_loras, help="adapter slots per replica"
+    )
+    parser.add_argument(
+        "--max-num-seqs", type=int, default=defaults.max_num_seqs, help="sequences per step"
+    )
+    parser.add_argument("--load-s", type=float, default=defaults.load_s, help="adapter load time")
+    parser.add_argument(
+        "--step-s", type=float, default=defaults.step_s, help="decode step time, one sequence"
+    )
+    parser.add_argument(
+        "--batch-slowdown",
+        type=float,
+        default=defaults.batch_slowdown,
+        help="step time grows by this factor per extra running sequence",
+    )
+    parser.add_argument(
+        "--load-mode",
+        choices=["stall", "request"],
+        default=defaults.load_mode,
+        help="a load stalls the whole step (as vLLM's worker does) or only its request",
+    )
+    parser.add_argument(
+        "--out", type=Path, default=Path("bench/results/scaleout.json"), help="JSON written"
+    )
     args = parser.parse_args()
     if args.quick:
         args.load_duration = args.hot_duration = args.duration = 15.0
