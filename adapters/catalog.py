@@ -33,20 +33,37 @@ versions_table = sa.Table(
     "registry_versions",
     metadata,
     sa.Column("id", sa.Integer, primary_key=True),
-    sa.Column("adapter_id", sa.Integer, sa.ForeignKey("registry_adapters.id"), nullable=False),
+    sa.Column(
+        "adapter_id",
+        sa.Integer,
+        sa.ForeignKey("registry_adapters.id", ondelete="CASCADE"),
+        nullable=False,
+    ),
     sa.Column("number", sa.Integer, nullable=False),
-    sa.Column("digest", sa.String(64), nullable=False),
+    sa.Column("digest", sa.String(64), nullable=False, index=True),
     sa.Column("size_bytes", sa.BigInteger, nullable=False),
     sa.Column("manifest", sa.JSON, nullable=True),
     sa.Column("created_at", sa.DateTime, nullable=False),
     sa.Column("published_at", sa.DateTime, nullable=False),
+    sa.UniqueConstraint("adapter_id", "number", name="uq_registry_version_number"),
 )
 aliases_table = sa.Table(
     "registry_aliases",
     metadata,
-    sa.Column("adapter_id", sa.Integer, sa.ForeignKey("registry_adapters.id"), primary_key=True),
+    sa.Column(
+        "adapter_id",
+        sa.Integer,
+        sa.ForeignKey("registry_adapters.id", ondelete="CASCADE"),
+        primary_key=True,
+    ),
     sa.Column("alias", sa.String(64), primary_key=True),
-    sa.Column("version_id", sa.Integer, sa.ForeignKey("registry_versions.id"), nullable=False),
+    # RESTRICT: a version an alias points at cannot be deleted from under it.
+    sa.Column(
+        "version_id",
+        sa.Integer,
+        sa.ForeignKey("registry_versions.id", ondelete="RESTRICT"),
+        nullable=False,
+    ),
     sa.Column("updated_at", sa.DateTime, nullable=False),
 )
 

@@ -44,8 +44,9 @@ api_keys = sa.Table(
     sa.Column("id", sa.Integer, primary_key=True),
     sa.Column("key_hash", sa.String(64), nullable=False, unique=True),
     sa.Column("prefix", sa.String(32), nullable=False, unique=True),
-    sa.Column("tenant_id", sa.Integer, sa.ForeignKey("tenants.id", ondelete="CASCADE")),
-    sa.Column("description", sa.String(200), nullable=False),
+    # NULL tenant = an admin key.
+    sa.Column("tenant_id", sa.Integer, sa.ForeignKey("tenants.id", ondelete="CASCADE"), index=True),
+    sa.Column("description", sa.String(200), nullable=False, server_default=""),
     sa.Column("created_at", sa.Float, nullable=False),
     sa.Column("expires_at", sa.Float),
     sa.Column("revoked_at", sa.Float),
@@ -54,19 +55,29 @@ quotas = sa.Table(
     "quotas",
     metadata,
     sa.Column("id", sa.Integer, primary_key=True),
-    sa.Column("tenant_id", sa.Integer, sa.ForeignKey("tenants.id", ondelete="CASCADE")),
-    sa.Column("adapter", sa.String(200), nullable=False),
+    sa.Column(
+        "tenant_id", sa.Integer, sa.ForeignKey("tenants.id", ondelete="CASCADE"), nullable=False
+    ),
+    # "" = every request of the tenant; otherwise one adapter name (`tenant/name`).
+    sa.Column("adapter", sa.String(200), nullable=False, server_default=""),
     sa.Column("requests_per_minute", sa.Integer),
     sa.Column("tokens_per_minute", sa.Integer),
     sa.Column("max_concurrent", sa.Integer),
-    sa.Column("request_tat", sa.Float, nullable=False),
-    sa.Column("token_tat", sa.Float, nullable=False),
+    sa.Column("request_tat", sa.Float, nullable=False, server_default="0"),
+    sa.Column("token_tat", sa.Float, nullable=False, server_default="0"),
+    sa.UniqueConstraint("tenant_id", "adapter", name="uq_quotas_tenant_adapter"),
 )
 quota_leases = sa.Table(
     "quota_leases",
     metadata,
     sa.Column("id", sa.Integer, primary_key=True),
-    sa.Column("quota_id", sa.Integer, sa.ForeignKey("quotas.id", ondelete="CASCADE")),
+    sa.Column(
+        "quota_id",
+        sa.Integer,
+        sa.ForeignKey("quotas.id", ondelete="CASCADE"),
+        nullable=False,
+        index=True,
+    ),
     sa.Column("request_id", sa.String(128), nullable=False),
     sa.Column("expires_at", sa.Float, nullable=False),
 )
