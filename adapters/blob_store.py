@@ -4,7 +4,8 @@ Layout (both kinds): `<root>/blobs/<digest>/<file>` plus `<root>/blobs/<digest>/
 A blob becomes visible only when complete: the local store writes into a staging
 folder and renames it into place; the S3 store uploads the files first and the
 index last, and readers require the index. Stores move bytes only; checking
-them against the digest is the cache's job (blob_cache.py), done on every download.
+them against the digest is the cache's job (blob_cache.py), done on every download,
+and publish's (`stored_blob_problem`), which replaces a stored blob that fails it.
 """
 
 from __future__ import annotations
@@ -22,7 +23,13 @@ from urllib.parse import urlparse
 
 from botocore.exceptions import BotoCoreError, ClientError
 
-from loraplex.adapters.content import INDEX_FILE, VersionContent, parse_index
+from loraplex.adapters.content import (
+    INDEX_FILE,
+    BlobCorrupt,
+    VersionContent,
+    parse_index,
+    verify_dir,
+)
 
 log = logging.getLogger(__name__)
 
@@ -43,8 +50,15 @@ class BlobStore(Protocol):
     def has(self, digest: str) -> bool: ...
 
     def put(
-        self, digest: str, content: VersionContent, source: Path, progress: Progress | None = None
-    ) -> None: ...
+        self,
+        digest: str,
+        content: VersionContent,
+        source: Path,
+        progress: Progress | None = None,
+        replace: bool = False,
+    ) -> None:
+        """Store `source`'s files as blob `digest`; kept as is when present unless `replace`."""
+        ...
 
     def fetch(self, digest: str, target: Path) -> None:
         """Write the blob's index and files into the existing folder `target` (unverified)."""
@@ -67,9 +81,14 @@ class LocalBlobStore:
         return (self._blob(digest) / INDEX_FILE).is_file()
 
     def put(
-        self, digest: str, content: VersionContent, source: Path, progress: Progress | None = None
+        self,
+        digest: str,
+        content: VersionContent,
+        source: Path,
+        progress: Progress | None = None,
+        replace: bool = False,
     ) -> None:
-        if self.has(digest):
+        if self.has(digest) and not replace:
             return
         staging_root = self.root / ".staging"
         staging_root.mkdir(parents=True, exist_ok=True)
@@ -81,6 +100,10 @@ class LocalBlobStore:
                 shutil.copyfile(source / entry.name, staging / entry.name)
             (staging / INDEX_FILE).write_bytes(content.index_bytes)
             self._blob(digest).parent.mkdir(parents=True, exist_ok=True)
+            if replace:
+                # The bad blob leaves by rename, and the new one arrives by rename: a
+                # reader misses it for a moment, never sees a mix of the two.
+                self.delete(digest)
             try:
                 os.rename(staging, self._blob(digest))  # atomic: all files or none
             except OSError:
@@ -171,10 +194,18 @@ class S3BlobStore:
         return True
 
     def put(
-        self, digest: str, content: VersionContent, source: Path, progress: Progress | None = None
+        self,
+        digest: str,
+        content: VersionContent,
+        source: Path,
+        progress: Progress | None = None,
+        replace: bool = False,
     ) -> None:
-        if self.has(digest):
+        if self.has(digest) and not replace:
             return
+        # Replacing overwrites the files in place, the index (same bytes) last; a reader
+        # meanwhile may fetch a mix, which the cache's verification refuses (a retry gets
+        # the repaired blob).
         for entry in content.files:
             if progress:
                 progress(f"uploading {entry.name} ({entry.size / 1e6:.1f} MB)")
@@ -217,6 +248,23 @@ class S3BlobStore:
         for name in dict.fromkeys(names):
             with contextlib.suppress(BlobMissing):
                 self._call(self._s3.delete_object, Bucket=self.bucket, Key=self._key(digest, name))
+
+
+def stored_blob_problem(store: BlobStore, digest: str) -> str | None:
+    """Why the stored blob `digest` is not intact (None when it is): its files are fetched
+    and hashed as the cache would. A publish that finds the blob already stored checks
+    it, so republishing repairs a corrupted store instead of reusing the bad bytes."""
+    scratch = Path(tempfile.mkdtemp(prefix="loraplex-verify-"))
+    try:
+        store.fetch(digest, scratch)
+        verify_dir(scratch, parse_index((scratch / INDEX_FILE).read_bytes(), digest), digest)
+    except (BlobCorrupt, BlobMissing) as exc:
+        return str(exc)
+    except FileNotFoundError as exc:  # a file the index lists is gone from a folder store
+        return f"blob {digest[:12]}: {exc}"
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return None
 
 
 def open_blob_store(url: str | Path, endpoint_url: str | None = None) -> BlobStore:

@@ -3,10 +3,14 @@
 Everything is checked before anything becomes visible: required files (weights in
 safetensors only: a pickled `.bin`/`.pt` is refused, pickles can run code on load), size,
 the compat rules vLLM needs (compat.py), and, when the adapter carries a
-manifest, that it was trained on the base model being served (by weights hash).
-Then the files go to the store (complete or not at all), and only then does one
-catalog transaction add the version and move @latest. A rejected publish
-changes nothing and lists every reason.
+manifest, that it was trained on the base model being served (by weights hash),
+and, when a quality policy is given (the CLI always gives one), the quality gate
+(quality_gate.py). Then the files go to the store (complete or not at all), and only
+then does one catalog transaction add the version and move @latest. A rejected
+publish changes nothing and lists every reason.
+
+A blob already in the store is hashed before it is reused: a corrupted one is
+replaced, so publishing the same folder again repairs every version that uses it.
 """
 
 from __future__ import annotations
@@ -19,8 +23,8 @@ from typing import Any
 
 from safetensors import safe_open
 
-from loraplex.adapters.blob_store import BlobStore
-from loraplex.adapters.catalog import Catalog, VersionRecord
+from loraplex.adapters.blob_store import BlobStore, stored_blob_problem
+from loraplex.adapters.catalog import Catalog, CatalogLookupError, VersionRecord
 from loraplex.adapters.compat import (
     BaseModelRef,
     check_adapter_config,
@@ -28,9 +32,13 @@ from loraplex.adapters.compat import (
     pickled_weight_files,
 )
 from loraplex.adapters.content import VersionContent, scan_adapter_dir
+from loraplex.adapters.lifecycle import continue_numbering, remove_if_empty
 from loraplex.adapters.local_store import ADAPTER_CONFIG
 from loraplex.adapters.manifest import MANIFEST_FILE, AdapterManifest
 from loraplex.adapters.names import AdapterName
+from loraplex.adapters.quality_gate import GateDecision, judge
+from loraplex.adapters.quality_records import record_gate
+from loraplex.adapters.refs import AdapterRef
 
 Progress = Callable[[str], None]
 
@@ -131,6 +139,92 @@ def _check_safetensors(file: Path) -> list[str]:
     return []
 
 
+@dataclass(frozen=True)
+class QualityPolicy:
+    """How publish applies the quality gate (quality_gate.py)."""
+
+    min_gain: float = 0.0
+    """Required gain of the adapter over its best few-shot baseline, in metric units."""
+    force: bool = False
+    """Publish even when the gate refuses; the decision is recorded with `forced_by`."""
+    forced_by: str | None = None
+    """Who forced it (user@host for the CLI), stored in the catalog."""
+
+
+@dataclass(frozen=True)
+class PublishResult:
+    record: VersionRecord
+    created: bool
+    """False when @latest already had these bytes (nothing new was published)."""
+    repaired: bool = False
+    """The store held this content corrupted; it was replaced with the folder's files."""
+    gate: GateDecision | None = None
+    """The quality gate's decision (None: no policy given, or nothing new published)."""
+
+
+def _latest_digest(catalog: Catalog, name: AdapterName) -> str | None:
+    try:
+        return catalog.resolve(AdapterRef(name)).digest
+    except CatalogLookupError:  # no such adapter yet, or no @latest
+        return None
+
+
+def publish(
+    path: Path,
+    name: AdapterName,
+    *,
+    catalog: Catalog,
+    store: BlobStore,
+    checks: PublishChecks,
+    quality: QualityPolicy | None = None,
+    progress: Progress | None = None,
+) -> PublishResult:
+    """Check, gate, upload (or verify and repair) and register `path` as the next version.
+
+    Raises PublishRejected or QualityGateRefused before anything changes.
+    """
+    say = progress or (lambda _: None)
+    say(f"checking {path}")
+    checked = check_adapter_dir(path, checks)
+    digest = checked.content.digest
+    say(f"content sha256 {digest[:12]}, {checked.content.size / 1e6:.1f} MB")
+    decision = None
+    # Republishing what @latest already is publishes nothing new (it may repair the blob):
+    # the gate judged that version when it was published.
+    if quality is not None and _latest_digest(catalog, name) != digest:
+        decision = judge(
+            checked.manifest,
+            min_gain=quality.min_gain,
+            force=quality.force,
+            forced_by=quality.forced_by,
+        )
+        say(f"quality gate: {decision.reason}")
+    repaired = False
+    if store.has(digest):
+        problem = stored_blob_problem(store, digest)
+        if problem is None:
+            say(f"blob already in the store {store.describe()} (verified)")
+        else:
+            say(f"blob in the store fails verification ({problem}): replacing it")
+            store.put(digest, checked.content, path, say, replace=True)
+            repaired = True
+    else:
+        say(f"uploading to {store.describe()}")
+        store.put(digest, checked.content, path, say)
+    continued = continue_numbering(catalog, name)
+    try:
+        record, created = catalog.add_version(name, digest, checked.content.size, checked.manifest)
+    except BaseException:
+        if continued:
+            remove_if_empty(catalog, name)  # no empty entry left shadowing a folder
+        raise
+    if created and decision is not None:
+        # A second transaction after the version's: a failure here is reported (the
+        # publish command exits non-zero) with the version already published.
+        record_gate(catalog, name, record.number, decision)
+    return PublishResult(record, created, repaired, decision if created else None)
+
+
 def publish_adapter(
     path: Path,
     name: AdapterName,
@@ -140,18 +234,7 @@ def publish_adapter(
     checks: PublishChecks,
     progress: Progress | None = None,
 ) -> tuple[VersionRecord, bool]:
-    """Check, upload and register `path` as the next version of `name`.
-
-    Returns (version, created); created is False when @latest already has these bytes.
-    """
-    say = progress or (lambda _: None)
-    say(f"checking {path}")
-    checked = check_adapter_dir(path, checks)
-    digest = checked.content.digest
-    say(f"content sha256 {digest[:12]}, {checked.content.size / 1e6:.1f} MB")
-    if store.has(digest):
-        say(f"blob already in the store {store.describe()}")
-    else:
-        say(f"uploading to {store.describe()}")
-        store.put(digest, checked.content, path, say)
-    return catalog.add_version(name, digest, checked.content.size, checked.manifest)
+    """`publish` without the quality gate: (version, created), created False when @latest
+    already has these bytes. For tests and benchmarks that publish generated adapters."""
+    result = publish(path, name, catalog=catalog, store=store, checks=checks, progress=progress)
+    return result.record, result.created

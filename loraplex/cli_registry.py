@@ -12,8 +12,10 @@ its parser (measured with `python -X importtime`).
 from __future__ import annotations
 
 import argparse
+import getpass
 import json
 import logging
+import socket
 import sys
 import typing
 from pathlib import Path
@@ -30,6 +32,7 @@ from loraplex.cli_flags import add_settings_flags, settings_from_args
 from loraplex.settings import ServeSettings
 
 if typing.TYPE_CHECKING:
+    from loraplex.adapters.publish import PublishResult
     from loraplex.adapters.registry import Registry
 
 log = logging.getLogger("loraplex.cli")
@@ -66,10 +69,17 @@ def _run(args: argparse.Namespace, action: typing.Callable[[], int]) -> int:
 
     from loraplex.adapters.catalog import CatalogConflict, CatalogLookupError
     from loraplex.adapters.publish import PublishRejected
+    from loraplex.adapters.quality_gate import QualityGateRefused
 
     try:
         return action()
-    except (PublishRejected, CatalogConflict, InvalidAdapterName, CatalogLookupError) as exc:
+    except (
+        PublishRejected,
+        CatalogConflict,
+        InvalidAdapterName,
+        CatalogLookupError,
+        QualityGateRefused,
+    ) as exc:
         _err(str(exc))
         return EXIT_REFUSED
     except StoreUnavailable as exc:
@@ -108,7 +118,8 @@ def served_base(settings: ServeSettings) -> tuple[BaseModelRef | None, set[str] 
 
 
 def cmd_publish(args: argparse.Namespace) -> int:
-    from loraplex.adapters.publish import PublishChecks, publish_adapter  # SQLAlchemy: see top
+    # SQLAlchemy: see top.
+    from loraplex.adapters.publish import PublishChecks, QualityPolicy, publish
 
     def action() -> int:
         name = parse_registry_name(args.name)
@@ -126,21 +137,39 @@ def cmd_publish(args: argparse.Namespace) -> int:
             known_modules=modules,
         )
         registry = _open(args)
-        record, created = publish_adapter(
+        result = publish(
             args.dir,
             name,
             catalog=registry.catalog,
             store=registry.store,
             checks=checks,
+            quality=QualityPolicy(args.min_gain, args.force, who_forced() if args.force else None),
             progress=lambda line: print(f"  {line}", file=sys.stderr),
         )
-        if created:
-            print(f"published {record.ref} (@latest) {record.version_id}")
-        else:
-            print(f"unchanged: {record.ref} (@latest) already has this content")
+        print(publish_summary(result))
         return 0
 
     return _run(args, action)
+
+
+def who_forced() -> str:
+    """user@host: who the catalog records as forcing a publish past the quality gate."""
+    return f"{getpass.getuser()}@{socket.gethostname()}"
+
+
+def publish_summary(result: PublishResult) -> str:
+    record = result.record
+    if result.created:
+        line = f"published {record.ref} (@latest) {record.version_id}"
+    elif result.repaired:
+        line = f"repaired: {record.ref} (@latest) already has this content"
+    else:
+        line = f"unchanged: {record.ref} (@latest) already has this content"
+    if result.repaired:
+        line += "; its blob failed verification in the store and was replaced"
+    if result.gate is not None and result.gate.forced_by is not None:
+        line += f"\nquality gate forced by {result.gate.forced_by} (recorded): {result.gate.reason}"
+    return line
 
 
 def cmd_list(args: argparse.Namespace) -> int:
@@ -192,14 +221,24 @@ def cmd_rollback(args: argparse.Namespace) -> int:
 def cmd_delete(args: argparse.Namespace) -> int:
     def action() -> int:
         ref = parse_adapter_ref(args.ref)
-        if ref.version is None:
-            _err(f"{args.ref!r}: name the version to delete, e.g. {ref.name}:v1")
+        if ref.alias is not None:
+            _err(f"{args.ref!r}: name a version (tenant/name:vN) or the adapter (tenant/name)")
             return EXIT_REFUSED
+        if ref.version is None:
+            # Only an entry without versions (lifecycle.py); one with versions is refused.
+            _open(args).delete_adapter(parse_registry_name(args.ref))
+            print(f"deleted {ref.name} (it had no version left)")
+            return 0
         result = _open(args).delete_version(ref.name, ref.version, force=args.force)
         for alias, target in result.aliases_moved.items():
             where = f"moved to v{target}" if target is not None else "removed"
             print(f"  @{alias} {where}", file=sys.stderr)
         print(f"deleted {result.deleted.ref}")
+        if result.adapter_removed:
+            print(
+                f"{ref.name} has no version left and is no longer in the registry "
+                "(a local adapter folder of that name is served again)"
+            )
         return 0
 
     return _run(args, action)
@@ -211,12 +250,27 @@ def add_registry_commands(adapters: typing.Any) -> None:
         "publish",
         help="publish an adapter folder as the next immutable version (moves @latest)",
         description="Check the folder (peft files, size limit, vLLM compatibility, and, when it "
-        "has a manifest.json, that it was trained on the served base model), upload it "
-        "content-addressed to the store, then add version vN and move @latest in one catalog "
-        "transaction. A rejected publish changes nothing.",
+        "has a manifest.json, that it was trained on the served base model), the quality gate "
+        "(the manifest's held-out adapter score beats its few-shot baseline by --min-gain), "
+        "upload it content-addressed to the store (a stored copy is verified, and replaced "
+        "when corrupt), then add version vN and move @latest in one catalog transaction. A "
+        "rejected publish changes nothing.",
     )
     publish.add_argument("dir", type=Path, help="adapter folder (peft format)")
     publish.add_argument("--name", required=True, help="tenant/name")
+    publish.add_argument(
+        "--min-gain",
+        type=float,
+        default=0.0,
+        help="quality gate: required held-out gain of the adapter over its best few-shot "
+        "baseline (manifest.json eval), in metric units: 0.05 = 5 points (default 0: not worse)",
+    )
+    publish.add_argument(
+        "--force",
+        action="store_true",
+        help="publish even if the quality gate refuses (worse than its baseline, or no "
+        "held-out scores); recorded in the catalog with user@host",
+    )
     add_settings_flags(publish, REGISTRY_FLAGS)
     publish.set_defaults(func=cmd_publish)
 
@@ -244,9 +298,14 @@ def add_registry_commands(adapters: typing.Any) -> None:
         help="delete one version (refused while an alias points at it, unless --force)",
         description="Delete tenant/name:vN. With --force, @latest moves to the newest "
         "remaining version and other aliases pointing at it are removed. Its blob is "
-        "deleted from the store when no other version uses the same content.",
+        "deleted from the store when no other version uses the same content. Deleting the "
+        "last version removes the adapter from the registry (its aliases with it), so a "
+        "local adapter folder of that name is served again; publishing the name later "
+        "continues at the next version number.",
     )
-    delete.add_argument("ref", help="tenant/name:vN")
+    delete.add_argument(
+        "ref", help="tenant/name:vN, or tenant/name to remove an entry with no version left"
+    )
     delete.add_argument("--force", action="store_true", help="delete even if aliased")
     add_settings_flags(delete, REGISTRY_FLAGS)
     delete.set_defaults(func=cmd_delete)

@@ -112,10 +112,17 @@ def create_app(
     @app.get("/v1/models")
     async def list_models(request: Request) -> dict:
         base = _model_card(settings.base_model_name, started_at, parent=None)
-        cards = [base] + [_adapter_card(a, settings.base_model_name) for a in store.list()]
+        registry_models = resolver.registry_models()
+        # A registry adapter shadows a local folder of the same name: list the name once.
+        shadowing = {name for name, _ in registry_models}
+        cards = [base] + [
+            _adapter_card(a, settings.base_model_name)
+            for a in store.list()
+            if a.id not in shadowing
+        ]
         cards += [
             _model_card(name, created, parent=settings.base_model_name)
-            for name, created in resolver.registry_models()
+            for name, created in registry_models
         ]
         return {"object": "list", "data": tenancy.visible(request, cards)}
 

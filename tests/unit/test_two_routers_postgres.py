@@ -144,6 +144,7 @@ class Cluster:
                 str(folder),
                 "--name",
                 name,
+                "--force",  # generated weights: no held-out scores for the quality gate
                 "--database-url",
                 self.database_url,
                 "--registry-store",
