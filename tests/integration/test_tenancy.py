@@ -10,6 +10,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -283,20 +284,37 @@ def test_concurrency_quota(router: TenantRouter) -> None:
             "ignore_eos": True,
         }
         headers = {"Authorization": f"Bearer {limited}"}
-        with (
-            httpx.Client(timeout=120) as client,
-            client.stream(
-                "POST", f"{router.url}/v1/chat/completions", json=payload, headers=headers
-            ) as stream,
-        ):
-            assert stream.status_code == 200
-            lines = stream.iter_lines()  # keep it: a dropped iterator closes the stream
-            next(lines)  # the request is now running
+        streaming = threading.Event()
+        leave = threading.Event()
+
+        def hold_a_stream() -> None:
+            with (
+                httpx.Client(timeout=120) as client,
+                client.stream(
+                    "POST", f"{router.url}/v1/chat/completions", json=payload, headers=headers
+                ) as stream,
+            ):
+                assert stream.status_code == 200
+                streaming.set()
+                # Reads on (so the stream runs) until the test is done with it, then closes.
+                for _ in stream.iter_bytes():
+                    if leave.is_set():
+                        return
+
+        holder = threading.Thread(target=hold_a_stream, daemon=True)
+        holder.start()
+        try:
+            assert streaming.wait(120), "the stream never started"
+            # The stream holds the tenant's one slot: a second request is refused at once.
             refused = router.post(limited, BASE_NAME)
+            assert holder.is_alive(), "the 1,500-token stream ended before the second request"
             assert _error(refused) == (429, "rate_limit_error", "rate_limit_exceeded")
             assert "Concurrency" in refused.json()["error"]["message"]
             assert int(refused.headers["retry-after"]) >= 1
             assert router.post(router.key("acme"), BASE_NAME).status_code == 200
+        finally:
+            leave.set()
+            holder.join(60)
         # The slot is released when the stream ends (here: the client closed it).
         deadline = time.monotonic() + 10
         while (response := router.post(limited, BASE_NAME)).status_code == 429:
