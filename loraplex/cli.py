@@ -28,7 +28,7 @@ from loraplex.base_model import (
     pull_embedded_model,
 )
 from loraplex.cli_flags import add_settings_flags, settings_from_args
-from loraplex.cli_registry import add_registry_commands
+from loraplex.cli_registry import EXIT_UNAVAILABLE, add_registry_commands
 from loraplex.cli_tenancy import add_tenancy_commands
 from loraplex.logs import configure_logging
 from loraplex.settings import ServeSettings
@@ -369,7 +369,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return int(args.func(args) or 0)
+    try:
+        return int(args.func(args) or 0)
+    except ValueError as exc:
+        # Imported on this error path only (SQLAlchemy, see the module docstring); a
+        # database error has imported it already.
+        from loraplex.database import DatabaseURLError
+
+        if not isinstance(exc, DatabaseURLError):
+            raise
+        # Every command that opens the database: the setting and URL at fault, no
+        # traceback, and the exit status of an unusable store or database.
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_UNAVAILABLE
 
 
 if __name__ == "__main__":

@@ -19,6 +19,9 @@ from alembic import command
 from alembic.config import Config
 from sqlalchemy import Connection, Engine, create_engine, event, text
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError, NoSuchModuleError
+
+from loraplex.settings import default_cache_dir
 
 log = logging.getLogger(__name__)
 
@@ -49,22 +52,71 @@ def normalize_url(url: str) -> str:
     return url
 
 
+class DatabaseURLError(ValueError):
+    """`database_url` names no database loraplex can open (not a URL, no driver for it, a
+    SQLite file whose folder is missing or is a file). The message names the setting and
+    the URL (password hidden); the CLI exits 3 with it, like an unreachable database."""
+
+    def __init__(self, url: str, problem: str) -> None:
+        super().__init__(f"database_url {_shown(url)}: {problem}")
+
+
+def _shown(url: str) -> str:
+    try:
+        return repr(make_url(url).render_as_string(hide_password=True))
+    except ArgumentError:
+        return repr(url)
+
+
 def create_db_engine(url: str) -> Engine:
     """A new engine with the settings concurrent router workers need (most callers want
-    `shared_engine`)."""
+    `shared_engine`). Raises DatabaseURLError for a URL that cannot name a database."""
     url = normalize_url(url)
+    try:
+        parsed = make_url(url)
+    except ArgumentError:
+        raise DatabaseURLError(
+            url, "not a database URL (sqlite:////path/to/file.db or postgresql://user@host/db)"
+        ) from None
     pool = {"pool_size": _POOL_SIZE, "max_overflow": _MAX_OVERFLOW}
-    if url.startswith("sqlite"):
-        database = make_url(url).database
-        if database and database != ":memory:":
-            Path(database).parent.mkdir(parents=True, exist_ok=True)
-        else:
-            pool = {}  # in memory: SQLAlchemy's single-connection pool, no queue to size
-        # Several workers write the same file: wait for a lock instead of failing.
-        engine = create_engine(url, connect_args={"timeout": 30}, **pool)
-        event.listen(engine, "connect", _sqlite_pragmas)
-        return engine
-    return create_engine(url, pool_pre_ping=True, **pool)
+    try:
+        if parsed.get_backend_name() == "sqlite":
+            database = parsed.database
+            if database and database != ":memory:":
+                _check_sqlite_folder(url, Path(database).parent)
+            else:
+                pool = {}  # in memory: SQLAlchemy's single-connection pool, no queue to size
+            # Several workers write the same file: wait for a lock instead of failing.
+            engine = create_engine(url, connect_args={"timeout": 30}, **pool)
+            event.listen(engine, "connect", _sqlite_pragmas)
+            return engine
+        return create_engine(url, pool_pre_ping=True, **pool)
+    except NoSuchModuleError:
+        raise DatabaseURLError(
+            url, f"no SQLAlchemy dialect '{parsed.drivername}' (use sqlite or postgresql)"
+        ) from None
+    except ImportError as exc:  # the dialect is known, its driver package is not installed
+        raise DatabaseURLError(
+            url,
+            f"the database driver '{exc.name}' is not installed; plain postgresql:// uses "
+            "psycopg (installed with loraplex)",
+        ) from None
+
+
+def _check_sqlite_folder(url: str, folder: Path) -> None:
+    """The folder of a SQLite file must exist: a typo in a given URL would otherwise make
+    a new, empty database in a new folder (and serve no adapters, silently). Only loraplex's
+    own default folder (the cache) is created."""
+    folder = folder.expanduser()
+    if folder.is_dir():
+        return
+    blocker = next((p for p in (folder, *folder.parents) if p.exists()), None)
+    if blocker is not None and not blocker.is_dir():
+        raise DatabaseURLError(url, f"{blocker} is a file, not a folder")
+    if folder.resolve() == default_cache_dir().resolve():
+        folder.mkdir(parents=True, exist_ok=True)
+        return
+    raise DatabaseURLError(url, f"the folder {folder} does not exist (create it first)")
 
 
 def _sqlite_pragmas(dbapi_connection, _record) -> None:  # type: ignore[no-untyped-def]

@@ -29,7 +29,7 @@ from loraplex.adapters.local_store import LocalAdapterStore
 from loraplex.adapters.names import AdapterName, InvalidAdapterName
 from loraplex.adapters.refs import parse_adapter_ref
 from loraplex.adapters.registry import Registry, RegistryConfig
-from loraplex.router.errors import APIError, model_not_found
+from loraplex.router.errors import APIError, database_unavailable, model_not_found
 from loraplex.settings import ServeSettings
 
 log = logging.getLogger(__name__)
@@ -85,9 +85,7 @@ class AdapterResolver:
                 raise _not_found(model, str(exc)) from None
             except SQLAlchemyError as exc:
                 log.error("catalog query failed", extra={"model": model, "error": repr(exc)})
-                raise APIError(
-                    503, "Adapter catalog unavailable", param="model", code="catalog_unavailable"
-                ) from None
+                raise database_unavailable() from None
             else:
                 return ServedAdapter(
                     ref.name, model, record.version_id, None, record.digest, record.number
@@ -103,14 +101,13 @@ class AdapterResolver:
         return ServedAdapter(local.name, model, local.id, local.path)
 
     def registry_models(self) -> list[tuple[str, int]]:
-        """(name, created) of every registry adapter with a published version, for /v1/models."""
+        """(name, created) of every registry adapter with a published version, for /v1/models.
+
+        A database failure raises (the app answers 503 database_unavailable): a list
+        silently missing the registry's adapters would look like a complete answer."""
         if self.registry is None:
             return []
-        try:
-            adapters = self.registry.catalog.list_adapters()
-        except SQLAlchemyError:
-            log.exception("catalog query failed while listing models")
-            return []
+        adapters = self.registry.catalog.list_adapters()
         return [
             (a.name, int(a.created_at.replace(tzinfo=timezone.utc).timestamp()))
             for a in adapters

@@ -13,11 +13,8 @@ from typing import Any
 
 from fastapi import APIRouter, Depends, Request
 from pydantic import Field
-from sqlalchemy.exc import SQLAlchemyError
 from starlette.concurrency import run_in_threadpool
 
-from loraplex.adapters.blob_store import StoreUnavailable
-from loraplex.adapters.catalog import CatalogConflict, CatalogLookupError
 from loraplex.adapters.names import InvalidAdapterName
 from loraplex.adapters.refs import parse_adapter_ref, parse_registry_name, parse_version
 from loraplex.adapters.registry import Registry
@@ -31,17 +28,10 @@ class AliasSet(AdminBody):
 
 
 async def _registry_call(function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-    """Run a blocking registry call; registry errors become API errors."""
-    try:
-        return await run_in_threadpool(function, *args, **kwargs)
-    except InvalidAdapterName as exc:
-        raise APIError(400, str(exc), param="name") from None
-    except CatalogLookupError as exc:
-        raise APIError(404, str(exc), param="name", code="not_found") from None
-    except CatalogConflict as exc:
-        raise APIError(409, str(exc), param="name", code="conflict") from None
-    except (StoreUnavailable, SQLAlchemyError) as exc:
-        raise APIError(503, f"Registry unavailable: {exc}", code="registry_unavailable") from None
+    """Run a blocking registry call off the event loop. Its errors (bad name, unknown
+    adapter, conflict, store or database down) become API errors in one place
+    (router/errors.py `api_error_for`), the same as on every other endpoint."""
+    return await run_in_threadpool(function, *args, **kwargs)
 
 
 def _name(tenant: str, name: str) -> Any:

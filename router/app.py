@@ -13,14 +13,13 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
-from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from loraplex.adapters.local_store import LocalAdapter, LocalAdapterStore
 from loraplex.router.adapter_loading import AdapterResolver
 from loraplex.router.admin_adapters_api import admin_adapters_router
 from loraplex.router.backend_pool import BackendPool, EngineWatch, split_urls
 from loraplex.router.body_limit import BodyLimitMiddleware
-from loraplex.router.errors import APIError, error_body, error_response
+from loraplex.router.errors import error_body, install_error_handlers
 from loraplex.router.forwarding import Call, Forwarder
 from loraplex.router.metrics_api import metrics_router
 from loraplex.router.model_rewrite import request_with_model
@@ -69,18 +68,7 @@ def create_app(
     app.add_middleware(RequestLogMiddleware)
     app.include_router(metrics_router(pool))
 
-    @app.exception_handler(APIError)
-    async def _api_error(_: Request, exc: APIError) -> JSONResponse:
-        return error_response(exc)
-
-    @app.exception_handler(StarletteHTTPException)
-    async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return JSONResponse(error_body(exc.status_code, str(exc.detail)), exc.status_code)
-
-    @app.exception_handler(Exception)
-    async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
-        log.exception("unhandled error")
-        return JSONResponse(error_body(500, f"Internal error: {type(exc).__name__}"), 500)
+    install_error_handlers(app)  # domain errors → OpenAI error JSON, in one place
 
     async def forward(request: Request, path: str, schema: type) -> Response:
         body = await request.body()

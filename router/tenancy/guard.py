@@ -16,7 +16,7 @@ import anyio
 from anyio.to_thread import run_sync
 from sqlalchemy.exc import SQLAlchemyError
 
-from loraplex.router.errors import APIError, error_response, model_not_found
+from loraplex.router.errors import APIError, database_unavailable, error_response, model_not_found
 from loraplex.router.metrics import IN_FLIGHT, QUOTA_REJECTIONS
 from loraplex.router.protocol import (
     ChatCompletionRequest,
@@ -38,7 +38,7 @@ COMPLETION_PATHS = frozenset(REQUEST_SCHEMAS)
 
 
 def _database_error() -> APIError:
-    return APIError(503, "Tenancy database unavailable", code="database_unavailable")
+    return database_unavailable()  # the one answer to a database failure (router/errors.py)
 
 
 class APIGuard:
