@@ -38,6 +38,13 @@ lint: setup
 	$(BIN)/ruff format --check .
 	@scripts/check-imports.sh
 
+# The CPU image loraplex:cpu with podman or docker, whichever runs here; prints build time
+# and size (docs/deploy.md). Where no registry can be reached its base comes from Debian's
+# packages (scripts/base-image.sh); BASE_IMAGE=python:3.11-slim-bookworm where one can.
+.PHONY: image
+image:
+	@scripts/build-image.sh
+
 bench: setup
 	$(BIN)/python bench/router_overhead.py
 

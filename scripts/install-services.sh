@@ -3,7 +3,10 @@
 # Prometheus (and its promtool) for the metrics and alert-rule tests; Alertmanager's
 # amtool checks deploy/alertmanager/alertmanager.yml; PostgreSQL's server binaries
 # (initdb, pg_ctl under /usr/lib/postgresql/<version>/bin) for the shared-state tests,
-# which start their own throwaway server (tests/postgres_server.py).
+# which start their own throwaway server (tests/postgres_server.py). Podman with runc,
+# debootstrap and podman-compose build and run the images (tests/integration/
+# test_containers.py; `make image`, whose base comes from debootstrap where no image
+# registry is reachable; deploy/docker/containers.conf holds the settings podman needs here).
 # Idempotent and quick when already installed; needs root (CI runs as root).
 set -euo pipefail
 
@@ -17,6 +20,10 @@ missing=()
 command -v prometheus >/dev/null 2>&1 || missing+=(prometheus)
 command -v amtool >/dev/null 2>&1 || missing+=(prometheus-alertmanager)
 postgres_bin >/dev/null || missing+=(postgresql)
+command -v podman >/dev/null 2>&1 || missing+=(podman)
+command -v runc >/dev/null 2>&1 || missing+=(runc)
+command -v debootstrap >/dev/null 2>&1 || missing+=(debootstrap)
+command -v podman-compose >/dev/null 2>&1 || missing+=(podman-compose)
 if [ ${#missing[@]} -eq 0 ]; then
   echo "[services] prometheus $(prometheus --version 2>&1 | head -1 | awk '{print $3}'), amtool" \
     "and postgresql $("$(postgres_bin)/postgres" --version | awk '{print $3}') present"
