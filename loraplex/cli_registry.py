@@ -28,6 +28,7 @@ from loraplex.adapters.manifest import sha256_file
 from loraplex.adapters.names import InvalidAdapterName
 from loraplex.adapters.refs import parse_adapter_ref, parse_registry_name, parse_version
 from loraplex.base_model import COMPLETE_MARKER, base_model_dir
+from loraplex.cli_eval import add_eval_commands
 from loraplex.cli_flags import add_settings_flags, settings_from_args
 from loraplex.settings import ServeSettings
 
@@ -309,3 +310,5 @@ def add_registry_commands(adapters: typing.Any) -> None:
     delete.add_argument("--force", action="store_true", help="delete even if aliased")
     add_settings_flags(delete, REGISTRY_FLAGS)
     delete.set_defaults(func=cmd_delete)
+
+    add_eval_commands(adapters, REGISTRY_FLAGS)  # eval, show (cli_eval.py)
