@@ -18,6 +18,7 @@ from sqlalchemy.exc import IntegrityError
 from loraplex.adapters.content import version_id
 from loraplex.adapters.names import AdapterName
 from loraplex.adapters.refs import LATEST, AdapterRef
+from loraplex.adapters.splits import TOTAL_WEIGHT, check_weights, incumbent_of, parse_guard
 
 metadata = sa.MetaData()
 adapters_table = sa.Table(
@@ -65,6 +66,59 @@ aliases_table = sa.Table(
         nullable=False,
     ),
     sa.Column("updated_at", sa.DateTime, nullable=False),
+    sa.Column("guard", sa.String(200), nullable=True),
+)
+
+
+# Weighted aliases, their rollback guards' shared counters and events (registry_0002).
+def _adapter_fk(**column: Any) -> sa.Column:
+    return sa.Column(
+        "adapter_id",
+        sa.Integer,
+        sa.ForeignKey("registry_adapters.id", ondelete="CASCADE"),
+        **column,
+    )
+
+
+alias_weights_table = sa.Table(
+    "registry_alias_weights",
+    metadata,
+    _adapter_fk(primary_key=True),
+    sa.Column("alias", sa.String(64), primary_key=True),
+    # RESTRICT: a version in a split cannot be deleted from under it.
+    sa.Column(
+        "version_id",
+        sa.Integer,
+        sa.ForeignKey("registry_versions.id", ondelete="RESTRICT"),
+        primary_key=True,
+    ),
+    sa.Column("weight", sa.Integer, nullable=False),
+)
+rollout_counts_table = sa.Table(
+    "registry_rollout_counts",
+    metadata,
+    _adapter_fk(primary_key=True),
+    sa.Column("alias", sa.String(64), primary_key=True),
+    sa.Column(
+        "version_id",
+        sa.Integer,
+        sa.ForeignKey("registry_versions.id", ondelete="CASCADE"),
+        primary_key=True,
+    ),
+    sa.Column("requests", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("errors", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("prev_requests", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("prev_errors", sa.Integer, nullable=False, server_default="0"),
+)
+alias_events_table = sa.Table(
+    "registry_alias_events",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True),
+    _adapter_fk(nullable=False, index=True),
+    sa.Column("alias", sa.String(64), nullable=False),
+    sa.Column("at", sa.DateTime, nullable=False),
+    sa.Column("kind", sa.String(32), nullable=False),
+    sa.Column("detail", sa.String(1000), nullable=False),
 )
 
 
@@ -115,12 +169,51 @@ class VersionRecord:
 
 
 @dataclass(frozen=True)
+class AliasTarget:
+    """What a reference names now: one version, or an alias's weighted split."""
+
+    versions: tuple[tuple[VersionRecord, int], ...]
+    """(version, weight), older first; one version has weight 100."""
+    incumbent: VersionRecord
+    alias: str | None = None
+    guard: str | None = None
+    generation: datetime | None = None
+    """When the alias was last set: rollout counters of an older setting are dropped."""
+
+    @property
+    def weighted(self) -> bool:
+        return len(self.versions) > 1
+
+
+@dataclass(frozen=True)
+class AliasEvent:
+    alias: str
+    at: datetime
+    kind: str
+    detail: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "alias": self.alias,
+            "at": self.at.isoformat() + "Z",
+            "kind": self.kind,
+            "detail": self.detail,
+        }
+
+
+@dataclass(frozen=True)
 class AdapterRecord:
     name: str
     tenant: str
     created_at: datetime
     versions: tuple[VersionRecord, ...]
     aliases: dict[str, int] = field(default_factory=dict)
+    """Alias → the version it points at (a weighted alias: its incumbent)."""
+    weights: dict[str, dict[int, int]] = field(default_factory=dict)
+    """Weighted aliases only: alias → {version: weight}."""
+    guards: dict[str, str] = field(default_factory=dict)
+    events: tuple[AliasEvent, ...] = ()
+    """Automatic rollbacks and the like, newest first."""
 
     def to_json(self) -> dict[str, Any]:
         """The view `adapters list --json` prints and `GET /admin/adapters` returns."""
@@ -128,6 +221,12 @@ class AdapterRecord:
             "name": self.name,
             "tenant": self.tenant,
             "aliases": self.aliases,
+            "weights": {
+                alias: {f"v{n}": w for n, w in split.items()}
+                for alias, split in self.weights.items()
+            },
+            "guards": self.guards,
+            "events": [event.to_json() for event in self.events],
             "versions": [
                 {
                     "version": f"v{v.number}",
@@ -149,6 +248,14 @@ class DeleteResult:
     """Aliases that pointed at the deleted version: new target number, or None if removed."""
     blob_unreferenced: bool
     """No version of any adapter uses the digest any more: its blob may be deleted."""
+
+
+@dataclass(frozen=True)
+class TenantAdaptersDeleted:
+    adapters: tuple[str, ...]
+    """The adapter names deleted (`tenant/name`)."""
+    unreferenced_digests: tuple[str, ...]
+    """Blobs no remaining version uses: they may be deleted from the store."""
 
 
 _VERSION_COLUMNS = (
@@ -189,6 +296,35 @@ _RESOLVE_ALIAS = _version_by_name(
         (aliases_table.c.adapter_id == adapters_table.c.id)
         & (aliases_table.c.alias == sa.bindparam("alias")),
     ).outerjoin(versions_table, versions_table.c.id == aliases_table.c.version_id)
+)
+# An alias with its split: one row per weighted version, or one row (weight NULL) for an
+# alias that points at one version; with the incumbent, guard and generation (updated_at).
+_RESOLVE_SPLIT = (
+    sa.select(
+        *_VERSION_COLUMNS,
+        alias_weights_table.c.weight,
+        aliases_table.c.version_id.label("incumbent_id"),
+        aliases_table.c.guard,
+        aliases_table.c.updated_at.label("generation"),
+    )
+    .select_from(
+        adapters_table.outerjoin(
+            aliases_table,
+            (aliases_table.c.adapter_id == adapters_table.c.id)
+            & (aliases_table.c.alias == sa.bindparam("alias")),
+        )
+        .outerjoin(
+            alias_weights_table,
+            (alias_weights_table.c.adapter_id == aliases_table.c.adapter_id)
+            & (alias_weights_table.c.alias == aliases_table.c.alias),
+        )
+        .outerjoin(
+            versions_table,
+            versions_table.c.id
+            == sa.func.coalesce(alias_weights_table.c.version_id, aliases_table.c.version_id),
+        )
+    )
+    .where(adapters_table.c.name == sa.bindparam("name"))
 )
 
 
@@ -250,6 +386,30 @@ class Catalog:
             raise CatalogLookupError(missing)
         return _record(row)
 
+    def resolve_target(self, ref: AdapterRef) -> AliasTarget:
+        """Like `resolve`, with an alias's weighted split (still one query per request)."""
+        if ref.version is not None:
+            record = self.resolve(ref)
+            return AliasTarget(((record, TOTAL_WEIGHT),), record)
+        alias = ref.alias or LATEST
+        with self.engine.connect() as conn:
+            rows = conn.execute(_RESOLVE_SPLIT, {"name": str(ref.name), "alias": alias}).all()
+        if not rows:
+            raise UnknownAdapter(f"adapter {ref.name} is not in the registry")
+        if rows[0].id is None:
+            raise CatalogLookupError(
+                f"adapter {ref.name} has no alias @{alias}"
+                if ref.alias
+                else f"adapter {ref.name} has no published version"
+            )
+        versions = tuple(
+            sorted(
+                ((_record(r), r.weight or TOTAL_WEIGHT) for r in rows), key=lambda p: p[0].number
+            )
+        )
+        incumbent = next((r for r in rows if r.id == rows[0].incumbent_id), rows[0])
+        return AliasTarget(versions, _record(incumbent), alias, rows[0].guard, rows[0].generation)
+
     def exists(self, name: AdapterName) -> bool:
         with self.engine.connect() as conn:
             query = sa.select(adapters_table.c.id).where(adapters_table.c.name == str(name))
@@ -276,6 +436,8 @@ class Catalog:
                 .where(aliases_table.c.adapter_id.in_(ids))
                 .order_by(aliases_table.c.alias)
             ).all()
+            splits = rollout_state.splits_of(conn, ids)
+            events = rollout_state.events_of(conn, ids)
         result = []
         for adapter in adapters:
             alias_map = {a.alias: a.number for a in aliases if a.adapter_id == adapter.id}
@@ -284,8 +446,18 @@ class Catalog:
                 for v in versions
                 if v.adapter_id == adapter.id
             )
+            weights, guards = splits.get(adapter.id, ({}, {}))
             result.append(
-                AdapterRecord(adapter.name, adapter.tenant, adapter.created_at, records, alias_map)
+                AdapterRecord(
+                    adapter.name,
+                    adapter.tenant,
+                    adapter.created_at,
+                    records,
+                    alias_map,
+                    weights,
+                    guards,
+                    tuple(events.get(adapter.id, ())),
+                )
             )
         return result
 
@@ -380,19 +552,67 @@ class Catalog:
         return record, True
 
     def set_alias(self, name: AdapterName, alias: str, number: int) -> int | None:
-        """Point `alias` at version `number`; returns the number it pointed at before."""
+        """Point `alias` at version `number` alone; returns the number it pointed at before
+        (a weighted alias: its incumbent)."""
+        previous = self.set_alias_weights(name, alias, {number: TOTAL_WEIGHT})
+        return incumbent_of(previous) if previous else None
+
+    def set_alias_weights(
+        self, name: AdapterName, alias: str, weights: dict[int, int], guard: str | None = None
+    ) -> dict[int, int] | None:
+        """Point `alias` at one version ({vN: 100}) or split it by integer weights summing to
+        100, with an optional rollback guard (`error_rate<=2x,min_requests=200`, weighted
+        aliases only). Returns the weights it had before (None: a new alias). The split's
+        rollout counters start from zero."""
+        weights = check_weights(weights)
+        if guard is not None:
+            guard = str(parse_guard(guard))
+            if len(weights) < 2:
+                raise CatalogConflict(
+                    f"a rollback guard needs a canary: give {name}@{alias} two or more "
+                    "weighted versions (e.g. --to v3=90,v4=10)"
+                )
         with self.engine.begin() as conn:
             adapter_id = self._locked_adapter_id(conn, str(name))
-            target = conn.execute(
-                sa.select(versions_table.c.id).where(
-                    versions_table.c.adapter_id == adapter_id, versions_table.c.number == number
+            ids = dict(
+                conn.execute(
+                    sa.select(versions_table.c.number, versions_table.c.id).where(
+                        versions_table.c.adapter_id == adapter_id,
+                        versions_table.c.number.in_(list(weights)),
+                    )
+                ).all()
+            )
+            missing = [n for n in weights if n not in ids]
+            if missing:
+                raise CatalogLookupError(
+                    f"adapter {name} has no version "
+                    + ", ".join(f"v{n}" for n in missing)
+                    + " (deleted or never published)"
                 )
-            ).first()
-            if target is None:
-                raise CatalogLookupError(f"adapter {name} has no version v{number}")
-            previous = self._alias_version(conn, adapter_id, alias)
-            self._set_alias(conn, adapter_id, alias, target.id)
-        return previous.number if previous is not None else None
+            previous = rollout_state.current_weights(conn, adapter_id, alias)
+            self._set_alias(conn, adapter_id, alias, ids[incumbent_of(weights)], guard)
+            if len(weights) > 1:
+                rollout_state.write_split(
+                    conn, adapter_id, alias, {ids[n]: w for n, w in weights.items()}
+                )
+        return previous
+
+    def record_outcomes(
+        self,
+        name: AdapterName,
+        alias: str,
+        generation: datetime,
+        outcomes: dict[int, tuple[int, int]],
+    ) -> AliasEvent | None:
+        """Add a router's (requests, server errors) per version to a guarded alias's shared
+        counters and apply its guard: the rollback event when it moved the alias back to
+        its incumbent alone, else None. Counts for an older setting of the alias (another
+        `generation`) are dropped."""
+        with self.engine.begin() as conn:
+            adapter_id = self._locked_adapter_id(conn, str(name))
+            return rollout_state.record_outcomes(
+                conn, adapter_id, str(name), alias, generation, outcomes, _now()
+            )
 
     def rollback(self, name: AdapterName) -> tuple[int, int]:
         """Move @latest to the newest version older than the one it points at: (from, to)."""
@@ -430,6 +650,9 @@ class Catalog:
             ).first()
             if row is None:
                 raise CatalogLookupError(f"adapter {name} has no version v{number}")
+            # Even with --force: dropping a version from a split would leave weights that
+            # no longer sum to 100, so the operator chooses the new split.
+            rollout_state.refuse_if_weighted(conn, adapter_id, row.id, f"{name}:v{number}")
             aliases = [
                 a.alias
                 for a in conn.execute(
@@ -466,6 +689,52 @@ class Catalog:
                 sa.select(versions_table.c.id).where(versions_table.c.digest == row.digest).limit(1)
             ).first()
         return DeleteResult(_record(row, tuple(aliases)), moved, still_used is None)
+
+    def delete_tenant_adapters(
+        self, tenant: str, conn: sa.Connection | None = None
+    ) -> TenantAdaptersDeleted:
+        """Delete every adapter of `tenant` with its versions, aliases and every row that
+        refers to them, so a tenant created later under the same name starts empty. With
+        `conn`, inside the caller's transaction (the tenant's own rows go in the same
+        commit); otherwise in a transaction of its own. The blobs are the caller's to delete
+        after the commit."""
+        if conn is None:
+            with self.engine.begin() as own:
+                return self.delete_tenant_adapters(tenant, own)
+        owned = sa.select(adapters_table.c.id).where(adapters_table.c.tenant == tenant)
+        owned_versions = sa.select(versions_table.c.id).where(
+            versions_table.c.adapter_id.in_(owned)
+        )
+        names = tuple(
+            conn.execute(
+                sa.select(adapters_table.c.name)
+                .where(adapters_table.c.tenant == tenant)
+                .order_by(adapters_table.c.name)
+            ).scalars()
+        )
+        digests = set(
+            conn.execute(
+                sa.select(versions_table.c.digest).where(versions_table.c.adapter_id.in_(owned))
+            ).scalars()
+        )
+        # Every table of the catalog's schema that points at an adapter or a version
+        # (aliases, and whatever later features add), dependents first; explicit, as
+        # SQLite enforces ON DELETE only on connections that enabled foreign keys.
+        for table in reversed(metadata.sorted_tables):
+            for key in table.foreign_keys:
+                if key.column is adapters_table.c.id and table is not versions_table:
+                    conn.execute(table.delete().where(key.parent.in_(owned)))
+                elif key.column is versions_table.c.id:
+                    conn.execute(table.delete().where(key.parent.in_(owned_versions)))
+        conn.execute(versions_table.delete().where(versions_table.c.adapter_id.in_(owned)))
+        conn.execute(adapters_table.delete().where(adapters_table.c.tenant == tenant))
+        # Content-identical versions of other tenants share a blob: those blobs stay.
+        still_used = set(
+            conn.execute(
+                sa.select(versions_table.c.digest).where(versions_table.c.digest.in_(digests))
+            ).scalars()
+        )
+        return TenantAdaptersDeleted(names, tuple(sorted(digests - still_used)))
 
     # ---- helpers ---------------------------------------------------------------------------
 
@@ -505,11 +774,19 @@ class Catalog:
         ).first()
 
     @staticmethod
-    def _set_alias(conn: sa.Connection, adapter_id: int, alias: str, version_row_id: int) -> None:
+    def _set_alias(
+        conn: sa.Connection,
+        adapter_id: int,
+        alias: str,
+        version_row_id: int,
+        guard: str | None = None,
+    ) -> None:
+        """Point `alias` at one version; any split (and its counters) it had ends here."""
+        rollout_state.clear_split(conn, adapter_id, alias)
         updated = conn.execute(
             aliases_table.update()
             .where(aliases_table.c.adapter_id == adapter_id, aliases_table.c.alias == alias)
-            .values(version_id=version_row_id, updated_at=_now())
+            .values(version_id=version_row_id, updated_at=_now(), guard=guard)
         ).rowcount
         if not updated:
             conn.execute(
@@ -518,5 +795,11 @@ class Catalog:
                     alias=alias,
                     version_id=version_row_id,
                     updated_at=_now(),
+                    guard=guard,
                 )
             )
+
+
+# At the end: rollout_state reads this module's tables and types (a cycle both ways), and
+# only Catalog's methods call it, after both modules are whole.
+from loraplex.adapters import rollout_state  # noqa: E402

@@ -26,7 +26,12 @@ from loraplex.adapters.blob_store import StoreUnavailable
 from loraplex.adapters.compat import BaseModelRef
 from loraplex.adapters.manifest import sha256_file
 from loraplex.adapters.names import InvalidAdapterName
-from loraplex.adapters.refs import parse_adapter_ref, parse_registry_name, parse_version
+from loraplex.adapters.refs import (
+    check_alias,
+    parse_adapter_ref,
+    parse_registry_name,
+)
+from loraplex.adapters.splits import format_weights, parse_guard, parse_weights
 from loraplex.base_model import COMPLETE_MARKER, base_model_dir
 from loraplex.cli_eval import add_eval_commands
 from loraplex.cli_flags import add_settings_flags, settings_from_args
@@ -182,8 +187,15 @@ def cmd_list(args: argparse.Namespace) -> int:
         if not adapters:
             print("no adapters" + (f" for tenant {args.tenant}" if args.tenant else ""))
         for adapter in adapters:
-            aliases = " ".join(f"@{a}=v{n}" for a, n in sorted(adapter.aliases.items()))
+            aliases = " ".join(
+                f"@{a}="
+                + format_weights(adapter.weights.get(a, {n: 100}))
+                + (f" [guard {adapter.guards[a]}]" if a in adapter.guards else "")
+                for a, n in sorted(adapter.aliases.items())
+            )
             print(f"{adapter.name}  {aliases}")
+            for event in adapter.events:  # automatic rollbacks, newest first
+                print(f"  {event.at:%Y-%m-%d %H:%M:%S}  {event.kind}: {event.detail}")
             for v in adapter.versions:
                 print(
                     f"  v{v.number:<4} {v.digest[:12]}  {v.size_bytes / 1e6:8.1f} MB  "
@@ -195,15 +207,33 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def cmd_alias(args: argparse.Namespace) -> int:
+    """`alias tenant/name ALIAS --to v3=90,v4=10 [--guard ...]`, or the older
+    `alias tenant/name@ALIAS vN`."""
+
     def action() -> int:
         ref = parse_adapter_ref(args.ref)
-        if ref.alias is None:
-            _err(f"{args.ref!r}: expected tenant/name@alias")
+        if ref.version is not None:
+            _err(f"{args.ref!r}: expected tenant/name ALIAS (or tenant/name@alias)")
             return EXIT_REFUSED
-        number = parse_version(args.version)
-        previous = _open(args).catalog.set_alias(ref.name, ref.alias, number)
-        was = f" (was v{previous})" if previous is not None else ""
-        print(f"{ref} → v{number}{was}")
+        if ref.alias is not None:  # tenant/name@alias [vN | --to ...]
+            alias, target = ref.alias, args.target
+        elif args.target is None:
+            _err(f"{args.ref}: name the alias, e.g. `loraplex adapters alias {ref.name} prod`")
+            return EXIT_REFUSED
+        else:
+            alias, target = check_alias(args.target), None
+        if (target is None) == (args.to is None):
+            _err(
+                f"{' '.join(filter(None, [args.ref, args.target]))}: expected "
+                "tenant/name@alias vN, or tenant/name ALIAS --to vN (or --to v3=90,v4=10)"
+            )
+            return EXIT_REFUSED
+        weights = parse_weights(args.to or target)
+        guard = str(parse_guard(args.guard)) if args.guard else None
+        previous = _open(args).catalog.set_alias_weights(ref.name, alias, weights, guard)
+        was = f" (was {format_weights(previous)})" if previous is not None else ""
+        guarded = f", rollback guard {guard}" if guard else ""
+        print(f"{ref.name}@{alias} → {format_weights(weights)}{was}{guarded}")
         return 0
 
     return _run(args, action)
@@ -281,9 +311,25 @@ def add_registry_commands(adapters: typing.Any) -> None:
     add_settings_flags(listing, REGISTRY_FLAGS)
     listing.set_defaults(func=cmd_list)
 
-    alias = adapters.add_parser("alias", help="point tenant/name@alias at a version")
-    alias.add_argument("ref", help="tenant/name@alias")
-    alias.add_argument("version", help="vN")
+    alias = adapters.add_parser(
+        "alias",
+        help="point an alias at a version, or split it between versions (canary)",
+        description="Point tenant/name ALIAS at one version (--to v4) or split its requests "
+        "by integer weights summing to 100 (--to v3=90,v4=10). Each end user (the request's "
+        "`user`, else its x-loraplex-session header, else its API key) keeps getting the same "
+        "version while the weights stand. The heaviest version is the incumbent; --guard "
+        "rolls the alias back to it alone when a canary's server-error rate is worse by the "
+        "factor over its last min_requests requests. Takes effect on the next request on "
+        "every router. The older form `alias tenant/name@alias vN` still works.",
+    )
+    alias.add_argument("ref", help="tenant/name (or tenant/name@alias)")
+    alias.add_argument("target", nargs="?", help="ALIAS (or vN after tenant/name@alias)")
+    alias.add_argument("--to", default=None, help="vN, or vN=WEIGHT,vM=WEIGHT summing to 100")
+    alias.add_argument(
+        "--guard",
+        default=None,
+        help="automatic rollback of a weighted alias, e.g. error_rate<=2x,min_requests=200",
+    )
     add_settings_flags(alias, REGISTRY_FLAGS)
     alias.set_defaults(func=cmd_alias)
 

@@ -17,18 +17,19 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from datetime import timezone
+from datetime import datetime, timezone
 from pathlib import Path
 
 from sqlalchemy.exc import SQLAlchemyError
 
 from loraplex.adapters.blob_store import BlobMissing, StoreUnavailable
-from loraplex.adapters.catalog import CatalogLookupError, UnknownAdapter
+from loraplex.adapters.catalog import AliasTarget, CatalogLookupError, UnknownAdapter
 from loraplex.adapters.content import BlobCorrupt
 from loraplex.adapters.local_store import LocalAdapterStore
 from loraplex.adapters.names import AdapterName, InvalidAdapterName
 from loraplex.adapters.refs import parse_adapter_ref
 from loraplex.adapters.registry import Registry, RegistryConfig
+from loraplex.adapters.splits import bucket, pick
 from loraplex.router.errors import APIError, database_unavailable, model_not_found
 from loraplex.settings import ServeSettings
 
@@ -47,6 +48,15 @@ class ServedAdapter:
     """Local adapters: their folder. Registry adapters: None (fetched into the cache)."""
     digest: str | None = None
     version: int | None = None
+    alias: str | None = None
+    """The alias the request named (or `latest` for a plain registry name)."""
+    role: str = "single"
+    """`single` (the reference names one version), or in a weighted alias `incumbent`
+    (its heaviest version) or `canary`."""
+    generation: datetime | None = None
+    """When the alias was last set; its guard's counters belong to that setting."""
+    guarded: bool = False
+    """The alias has a rollback guard: this request's outcome is counted for it."""
 
     @property
     def description(self) -> str:
@@ -68,8 +78,13 @@ class AdapterResolver:
 
     # ---- resolution ----------------------------------------------------------------------
 
-    def resolve(self, model: str) -> ServedAdapter | None:
-        """None for the base model; the adapter otherwise. Raises 400/404/503 APIErrors."""
+    def resolve(self, model: str, user_key: str | None = None) -> ServedAdapter | None:
+        """None for the base model; the adapter otherwise. Raises 400/404/503 APIErrors.
+
+        A weighted alias picks one of its versions by weight, the same one for the same
+        `user_key` (router/rollout.py `user_key`) while the weights stand. Nothing is
+        cached: the catalog is read on every request, so a changed split (or a rollback
+        by any replica) applies to the next request on every replica."""
         if model == self.base_model_name:
             return None
         try:
@@ -78,7 +93,7 @@ class AdapterResolver:
             raise APIError(400, f"Invalid model name: {exc}", param="model") from None
         if self.registry is not None and ref.name.tenant is not None:
             try:
-                record = self.registry.catalog.resolve(ref)
+                target = self.registry.catalog.resolve_target(ref)
             except UnknownAdapter:
                 pass  # maybe a local adapter folder
             except CatalogLookupError as exc:
@@ -87,9 +102,7 @@ class AdapterResolver:
                 log.error("catalog query failed", extra={"model": model, "error": repr(exc)})
                 raise database_unavailable() from None
             else:
-                return ServedAdapter(
-                    ref.name, model, record.version_id, None, record.digest, record.number
-                )
+                return _served_version(ref.name, model, target, user_key)
         if not ref.is_plain:
             raise model_not_found(model)
         try:
@@ -170,6 +183,30 @@ class AdapterResolver:
             param="model",
             code="adapter_load_failed",
         )
+
+
+def _served_version(
+    name: AdapterName, model: str, target: AliasTarget, user_key: str | None
+) -> ServedAdapter:
+    """The version this request gets: the one named, or a pick from the alias's split."""
+    record, role = target.incumbent, "single"
+    if target.weighted:
+        user_bucket = bucket(user_key, f"{name}@{target.alias}")
+        number = pick([(v.number, w) for v, w in target.versions], user_bucket)
+        record = next(v for v, _ in target.versions if v.number == number)
+        role = "incumbent" if number == target.incumbent.number else "canary"
+    return ServedAdapter(
+        name,
+        model,
+        record.version_id,
+        None,
+        record.digest,
+        record.number,
+        alias=target.alias,
+        role=role,
+        generation=target.generation,
+        guarded=target.weighted and target.guard is not None,
+    )
 
 
 def _not_found(model: str, detail: str) -> APIError:

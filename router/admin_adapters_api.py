@@ -12,19 +12,30 @@ from collections.abc import Callable
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request
-from pydantic import Field
+from pydantic import Field, StrictInt
 from starlette.concurrency import run_in_threadpool
 
 from loraplex.adapters.names import InvalidAdapterName
 from loraplex.adapters.refs import parse_adapter_ref, parse_registry_name, parse_version
 from loraplex.adapters.registry import Registry
+from loraplex.adapters.splits import (
+    TOTAL_WEIGHT,
+    check_weights,
+    format_weights,
+    incumbent_of,
+    parse_guard,
+)
 from loraplex.router.errors import APIError
 from loraplex.router.tenancy.admin_api import AdminBody, parse_admin_body, require_admin
 
 
 class AliasSet(AdminBody):
-    version: str = Field(min_length=2)
-    """The version the alias points at: `v1`, `v2`, …"""
+    version: str | None = Field(None, min_length=2)
+    """The one version the alias points at: `v1`, `v2`, … (or give `weights`)."""
+    weights: dict[str, StrictInt] | None = None
+    """A weighted alias (canary): `{"v3": 90, "v4": 10}`, integers summing to 100."""
+    guard: str | None = None
+    """Automatic rollback of a weighted alias: `error_rate<=2x,min_requests=200`."""
 
 
 async def _registry_call(function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
@@ -39,6 +50,22 @@ def _name(tenant: str, name: str) -> Any:
         return parse_registry_name(f"{tenant}/{name}")
     except InvalidAdapterName as exc:
         raise APIError(400, str(exc), param="name") from None
+
+
+def _weights(body: AliasSet) -> dict[int, int]:
+    """{version: weight} from `version` or `weights` (exactly one); 400 naming the field."""
+    if (body.version is None) == (body.weights is None):
+        raise APIError(400, "give either 'version' or 'weights'", param="weights")
+    if body.version is not None:
+        return {_version(body.version): TOTAL_WEIGHT}
+    try:
+        numbers = {parse_version(v): w for v, w in (body.weights or {}).items()}
+        if body.guard is not None:
+            parse_guard(body.guard)
+        return check_weights(numbers)
+    except InvalidAdapterName as exc:
+        field = "guard" if "guard" in str(exc) else "weights"
+        raise APIError(400, str(exc), param=field) from None
 
 
 def _version(text: str) -> int:
@@ -65,13 +92,17 @@ def admin_adapters_router(registry: Registry) -> APIRouter:
             raise APIError(400, str(exc), param="alias") from None
         adapter = _name(tenant, name)
         body: AliasSet = await parse_admin_body(request, AliasSet)
-        number = _version(body.version)
-        previous = await _registry_call(catalog.set_alias, adapter, ref.alias, number)
+        weights = _weights(body)
+        previous = await _registry_call(
+            catalog.set_alias_weights, adapter, ref.alias, weights, body.guard
+        )
         return {
             "adapter": str(adapter),
             "alias": alias,
-            "version": f"v{number}",
-            "previous": f"v{previous}" if previous is not None else None,
+            "version": f"v{incumbent_of(weights)}",
+            "weights": {f"v{n}": w for n, w in weights.items()},
+            "guard": str(parse_guard(body.guard)) if body.guard else None,
+            "previous": format_weights(previous) if previous is not None else None,
         }
 
     @router.post("/{tenant}/{name}/rollback")

@@ -25,7 +25,9 @@ from loraplex.router.metrics_api import metrics_router
 from loraplex.router.model_rewrite import request_with_model
 from loraplex.router.protocol import ChatCompletionRequest, CompletionRequest, parse_request
 from loraplex.router.request_log import RequestLogMiddleware
+from loraplex.router.rollout import RolloutGuardian, user_key
 from loraplex.router.tenancy.service import Tenancy
+from loraplex.router.version_metrics import VersionLabels, VersionMiddleware
 from loraplex.settings import ServeSettings
 
 log = logging.getLogger(__name__)
@@ -60,6 +62,10 @@ def create_app(
         tenancy.close()
 
     app = FastAPI(title="loraplex", version="0.1.0", lifespan=lifespan)
+    # Added before the guard, so inside it: the served version's header, metrics, rollbacks.
+    version_labels = VersionLabels(settings.metrics_max_label_values)
+    guardian = RolloutGuardian(resolver.registry.catalog, version_labels)
+    app.add_middleware(VersionMiddleware, labels=version_labels, guardian=guardian)
     tenancy.install(app)  # auth, access, quotas, per-request metrics, /admin
     if resolver.registry is not None:
         app.include_router(admin_adapters_router(resolver.registry))
@@ -77,10 +83,14 @@ def create_app(
         request.state.model = parsed.model
         if parsed.model == settings.base_model_name:
             adapter = None
-        elif catalog_is_local:
-            adapter = resolver.resolve(parsed.model)
         else:
-            adapter = await run_in_threadpool(resolver.resolve, parsed.model)
+            # Whose request it is: a weighted alias gives the same user the same version.
+            who = user_key(getattr(parsed, "user", None), request.headers)
+            if catalog_is_local:
+                adapter = resolver.resolve(parsed.model, who)
+            else:
+                adapter = await run_in_threadpool(resolver.resolve, parsed.model, who)
+        request.state.served_adapter = adapter  # router/version_metrics.py reads it
         backend_name = adapter.id if adapter is not None else parsed.model
         if adapter is not None:
             body = request_with_model(body, backend_name, parsed.model)

@@ -46,6 +46,8 @@ def test_list_alias_rollback_and_delete_change_what_is_served(setup: Setup) -> N
         "adapter": "acme/bot",
         "alias": "stable",
         "version": "v1",
+        "weights": {"v1": 100},
+        "guard": None,
         "previous": None,
     }
     assert setup.served_digest("acme/bot@stable") == v1.digest
@@ -71,7 +73,7 @@ def test_list_alias_rollback_and_delete_change_what_is_served(setup: Setup) -> N
         ("put", "/admin/adapters/acme/bot/aliases/stable", {"version": "one"}, 400, "version"),
         ("put", "/admin/adapters/acme/bot/aliases/9lives", {"version": "v1"}, 400, "alias"),
         ("put", "/admin/adapters/acme/bot/aliases/stable", {"version": "v9"}, 404, "name"),
-        ("put", "/admin/adapters/acme/bot/aliases/stable", {"versio": "v1"}, 400, "version"),
+        ("put", "/admin/adapters/acme/bot/aliases/stable", {"versio": "v1"}, 400, "versio"),
         ("post", "/admin/adapters/acme/missing/rollback", None, 404, "name"),
         ("post", "/admin/adapters/acme/bot/rollback", None, 409, "name"),
         ("delete", "/admin/adapters/acme/bot/versions/v7", None, 404, "name"),

@@ -47,7 +47,7 @@ def test_migration_from_empty_database_creates_registry_tables_and_is_idempotent
     with engine.connect() as conn:
         heads = {row[0] for row in conn.execute(sa.text("select version_num from alembic_version"))}
     engine.dispose()
-    assert "registry_0001" in heads
+    assert any(head.startswith("registry_") for head in heads)  # the branch's newest
 
 
 def test_publish_numbers_versions_and_moves_latest(catalog: Catalog):
