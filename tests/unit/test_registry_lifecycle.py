@@ -5,6 +5,8 @@ while version numbers keep counting. On SQLite and PostgreSQL (tests/unit/confte
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import boto3
 import pytest
 from fastapi.testclient import TestClient
@@ -22,6 +24,7 @@ from loraplex.router.app import create_app
 from loraplex.settings import ServeSettings
 from tests.unit.registry_helpers import free_port, make_adapter_dir, moto_s3
 from tests.unit.test_registry_cli import run
+from tests.unit.test_registry_router import Setup, make_setup
 
 CHECKS = PublishChecks(max_lora_rank=16, max_bytes=1 << 30)
 NAME = parse_registry_name("demo/alpha")
@@ -83,6 +86,24 @@ def test_republishing_repairs_a_corrupted_blob(store, tmp_path):
     assert cache2.ensure(first.record.digest).is_dir()
     # An intact blob is verified and kept.
     assert not publish(source, NAME, catalog=catalog, store=store, checks=CHECKS).repaired
+
+
+@pytest.fixture
+def router(tmp_path) -> Iterator[Setup]:
+    """The router in front of a stand-in engine with the plugin's resolvers."""
+    yield from make_setup(tmp_path)
+
+
+def test_a_corrupt_version_serves_again_once_republished(router: Setup):
+    """Before: 500 adapter_corrupt, and republishing answered "unchanged" and kept it."""
+    bad = router.publish("acme/bot", seed=2)
+    corrupt(LocalBlobStore(router.tmp / "store"), bad.digest)
+    response = router.ask("acme/bot")
+    assert response.status_code == 500
+    assert response.json()["error"]["code"] == "adapter_corrupt"
+    again = router.publish("acme/bot", seed=2)  # the same folder again
+    assert again.number == 1
+    assert router.served_digest("acme/bot") == bad.digest  # the next request serves
 
 
 def test_cli_repair_message(tmp_path, capsys, monkeypatch):
