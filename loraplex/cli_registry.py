@@ -76,6 +76,7 @@ def _run(args: argparse.Namespace, action: typing.Callable[[], int]) -> int:
     from loraplex.adapters.catalog import CatalogConflict, CatalogLookupError
     from loraplex.adapters.publish import PublishRejected
     from loraplex.adapters.quality_gate import QualityGateRefused
+    from loraplex.router.tenancy.store import TenancyError
 
     try:
         return action()
@@ -84,6 +85,7 @@ def _run(args: argparse.Namespace, action: typing.Callable[[], int]) -> int:
         CatalogConflict,
         InvalidAdapterName,
         CatalogLookupError,
+        TenancyError,
         QualityGateRefused,
     ) as exc:
         _err(str(exc))
@@ -126,6 +128,8 @@ def served_base(settings: ServeSettings) -> tuple[BaseModelRef | None, set[str] 
 def cmd_publish(args: argparse.Namespace) -> int:
     # SQLAlchemy: see top.
     from loraplex.adapters.publish import PublishChecks, QualityPolicy, publish
+    from loraplex.router.tenancy.store import TenancyStore
+    from loraplex.router.tenancy.tenant_adapters import require_publish_tenant
 
     def action() -> int:
         name = parse_registry_name(args.name)
@@ -143,6 +147,9 @@ def cmd_publish(args: argparse.Namespace) -> int:
             known_modules=modules,
         )
         registry = _open(args)
+        # Publishing needs the tenant (router/tenancy/tenant_adapters.py); checked before
+        # the upload, so a refused publish stores nothing.
+        require_publish_tenant(TenancyStore(registry.catalog.engine), name)
         result = publish(
             args.dir,
             name,

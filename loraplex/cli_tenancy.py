@@ -92,8 +92,24 @@ def cmd_tenants_list(args: argparse.Namespace) -> int:
 
 @_run
 def cmd_tenants_delete(args: argparse.Namespace) -> int:
-    _store(args).delete_tenant(args.name)
-    print(f"deleted tenant {args.name} with its keys and quotas", file=sys.stderr)
+    # SQLAlchemy: see the module docstring.
+    from loraplex.adapters.blob_store import open_blob_store
+    from loraplex.adapters.catalog import Catalog
+    from loraplex.router.tenancy.tenant_adapters import delete_tenant
+
+    settings = settings_from_args(args)
+    store = _store(args)
+    # The catalog lives in the tenancy database: its rows go in the tenant's transaction.
+    blobs = open_blob_store(settings.registry_store, settings.registry_s3_endpoint_url or None)
+    deleted = delete_tenant(store, args.name, Catalog(store.engine), blobs)
+    adapters = f", and its adapters {', '.join(deleted.adapters)}" if deleted.adapters else ""
+    print(f"deleted tenant {args.name} with its keys and quotas{adapters}", file=sys.stderr)
+    for digest in deleted.blobs_left:
+        print(
+            f"warning: blob {digest} (no longer in the catalog) could not be deleted from the "
+            "store; delete it there later",
+            file=sys.stderr,
+        )
     return 0
 
 
@@ -217,9 +233,16 @@ def add_tenancy_commands(commands: typing.Any) -> None:
     listing = tenants.add_parser("list", help="list tenants")
     _common(listing, listing=True)
     listing.set_defaults(func=cmd_tenants_list)
-    delete = tenants.add_parser("delete", help="delete a tenant with its keys and quotas")
+    delete = tenants.add_parser(
+        "delete",
+        help="delete a tenant with its keys, quotas and registry adapters",
+        description="Deletes the tenant, its keys and quotas, and every version of its "
+        "registry adapters (tenant/*), then the blobs no other adapter uses: a tenant "
+        "created later under the same name starts with no adapters.",
+    )
     delete.add_argument("name")
     _common(delete)
+    add_settings_flags(delete, ["registry_store", "registry_s3_endpoint_url"])
     delete.set_defaults(func=cmd_tenants_delete)
 
     keys = commands.add_parser("keys", help="manage API keys").add_subparsers(

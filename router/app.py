@@ -66,7 +66,8 @@ def create_app(
     version_labels = VersionLabels(settings.metrics_max_label_values)
     guardian = RolloutGuardian(resolver.registry.catalog, version_labels)
     app.add_middleware(VersionMiddleware, labels=version_labels, guardian=guardian)
-    tenancy.install(app)  # auth, access, quotas, per-request metrics, /admin
+    # auth, access, quotas, per-request metrics, /admin (a tenant's deletion takes its adapters)
+    tenancy.install(app, resolver.registry)
     if resolver.registry is not None:
         app.include_router(admin_adapters_router(resolver.registry))
     # Outside the guard (which reads bodies), inside the request log (413s are logged).

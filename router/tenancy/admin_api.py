@@ -1,6 +1,7 @@
 """Admin HTTP endpoints: tenants, API keys and quotas (admin keys only).
 
 The same operations as `loraplex tenants|keys|quotas`; a tenant key gets 403, no key 401.
+Deleting a tenant also deletes its registry adapters (router/tenancy/tenant_adapters.py).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 
+from loraplex.adapters.registry import Registry
 from loraplex.router.errors import APIError
 from loraplex.router.protocol import load_json_object, validate
 from loraplex.router.tenancy.auth import Principal
@@ -25,6 +27,7 @@ from loraplex.router.tenancy.store import (
     Tenant,
     parse_expiry,
 )
+from loraplex.router.tenancy.tenant_adapters import delete_tenant as delete_tenant_everywhere
 
 # The quota columns are 32-bit integers on PostgreSQL; larger numbers are a 400 naming the
 # field, not an OverflowError from the driver.
@@ -115,7 +118,8 @@ def quota_json(quota: Quota) -> dict:
     }
 
 
-def admin_router(store: TenancyStore) -> APIRouter:
+def admin_router(store: TenancyStore, registry: Registry | None = None) -> APIRouter:
+    """`registry`: the catalog whose adapters a tenant's deletion removes with it."""
     router = APIRouter(prefix="/admin", dependencies=[Depends(require_admin)])
 
     @router.get("/tenants")
@@ -129,8 +133,9 @@ def admin_router(store: TenancyStore) -> APIRouter:
 
     @router.delete("/tenants/{name}")
     async def delete_tenant(name: str) -> dict:
-        await _call(store.delete_tenant, name)
-        return {"deleted": name}
+        catalog, blobs = (registry.catalog, registry.store) if registry else (None, None)
+        deleted = await _call(delete_tenant_everywhere, store, name, catalog, blobs)
+        return {"deleted": name, "adapters_deleted": list(deleted.adapters)}
 
     @router.get("/keys")
     async def list_keys(tenant: str | None = None) -> dict:

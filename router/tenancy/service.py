@@ -10,6 +10,7 @@ from fastapi import FastAPI, Request
 from sqlalchemy.exc import SQLAlchemyError
 from starlette.concurrency import run_in_threadpool
 
+from loraplex.adapters.registry import Registry
 from loraplex.database import shared_engine
 from loraplex.router.tenancy.admin_api import admin_router
 from loraplex.router.tenancy.auth import ANONYMOUS, Authenticator, check_startup_access, is_loopback
@@ -48,9 +49,10 @@ class Tenancy:
         )
         return tenancy
 
-    def install(self, app: FastAPI) -> None:
+    def install(self, app: FastAPI, registry: Registry | None = None) -> None:
         """Add the guard middleware (call before the request-log middleware, which must stay
-        outermost so rejections are logged with their request id) and the admin routes."""
+        outermost so rejections are logged with their request id) and the admin routes
+        (`registry`: whose adapters a tenant's deletion removes)."""
         app.add_middleware(
             APIGuard,
             authenticator=self.authenticator,
@@ -58,7 +60,7 @@ class Tenancy:
             metrics=self.metrics,
             base_model_name=self.base_model_name,
         )
-        app.include_router(admin_router(self.store))
+        app.include_router(admin_router(self.store, registry))
 
     def visible(self, request: Request, cards: list[dict]) -> list[dict]:
         """The model cards (`id` = model name) the caller may see and call."""

@@ -17,12 +17,15 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from typing import TypeVar
 
 import sqlalchemy as sa
 from sqlalchemy import Engine
 from sqlalchemy.exc import IntegrityError
 
 from loraplex.adapters.names import InvalidAdapterName, parse_adapter_name
+
+_T = TypeVar("_T")
 
 KEY_PREFIX = "lpx_"
 _PREFIX_LENGTH = len(KEY_PREFIX) + 8
@@ -257,10 +260,16 @@ class TenancyStore:
         with self.engine.connect() as conn:
             return [Tenant(*row) for row in conn.execute(query)]
 
-    def delete_tenant(self, name: str) -> None:
-        """Deletes the tenant with its keys and quotas (its adapters stay in the store)."""
+    def delete_tenant(
+        self, name: str, also: Callable[[sa.Connection], _T] | None = None
+    ) -> _T | None:
+        """Deletes the tenant with its keys and quotas. `also` runs in the same transaction
+        (router/tenancy/tenant_adapters.py deletes the tenant's registry adapters there, so
+        no moment exists where the tenant is gone and its adapters are not); its result is
+        returned."""
         with self.engine.begin() as conn:
             tenant_id = self._tenant_id(conn, name, lock=True)
+            result = also(conn) if also is not None else None
             # Explicit deletes rather than ON DELETE CASCADE alone: SQLite enforces foreign
             # keys only on connections that enabled them.
             quota_ids = sa.select(quotas.c.id).where(quotas.c.tenant_id == tenant_id)
@@ -268,6 +277,17 @@ class TenancyStore:
             conn.execute(quotas.delete().where(quotas.c.tenant_id == tenant_id))
             conn.execute(api_keys.delete().where(api_keys.c.tenant_id == tenant_id))
             conn.execute(tenants.delete().where(tenants.c.id == tenant_id))
+        return result
+
+    def require_tenant(self, name: str) -> None:
+        """Raises NotFound naming the tenant unless it exists (exact name, as adapter names
+        and keys match it)."""
+        with self.engine.connect() as conn:
+            self._tenant_id(conn, name)
+
+    def has_tenants(self) -> bool:
+        with self.engine.connect() as conn:
+            return conn.execute(sa.select(tenants.c.id).limit(1)).first() is not None
 
     def _tenant_id(self, conn: sa.Connection, name: str, lock: bool = False) -> int:
         """The tenant's id; `lock` holds its row until the transaction ends, so writers of
