@@ -10,6 +10,8 @@
   client's stream with an OpenAI-shaped error event and `data: [DONE]`.
 - One request, one charge: the quota guard (router/tenancy/guard.py) wraps the whole
   endpoint, so every attempt here is inside one admission and one settlement.
+- A client that leaves cancels the attempt (the guard stops the endpoint): the backend
+  response is closed even then, and vLLM aborts a request whose connection closes.
 - Loads: the replica's resolvers load an adapter on its first request. The router counts
   a load (`loraplex_adapter_loads_total`) when it sends an adapter to a replica whose
   record does not hold it; a 404 for a resolved adapter is explained by the registry
@@ -184,6 +186,7 @@ class Forwarder:
         started = time.monotonic()
         self.pool.begin(replica, adapter_id)
         handed_over = False  # the stream relay ends the in-flight count and closes
+        response: httpx.Response | None = None
         try:
             try:
                 response = await replica.client.send(call.path, call.body, call.stream)
@@ -216,6 +219,11 @@ class Forwarder:
         finally:
             if not handed_over:
                 self.pool.end(replica, adapter_id)
+                if response is not None and not response.is_closed:
+                    # Cancelled (the client left) before the stream was handed over: close
+                    # the connection so vLLM aborts the request.
+                    with anyio.CancelScope(shield=True):
+                        await response.aclose()
 
     async def _answer(
         self,
@@ -330,7 +338,8 @@ async def _read(response: httpx.Response) -> bytes:
     except httpx.HTTPError as exc:
         raise BackendFailure(classify(exc), repr(exc)) from None
     finally:
-        await response.aclose()
+        with anyio.CancelScope(shield=True):
+            await response.aclose()
 
 
 def _interruption_events(detail: str) -> bytes:

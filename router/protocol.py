@@ -27,6 +27,9 @@ class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="allow")
 
     include_usage: StrictBool | None = None
+    continuous_usage_stats: StrictBool | None = None
+    """vLLM's: usage on every chunk too (the router asks for it on every stream to bill
+    cut streams, and passes it on only to clients that asked)."""
 
 
 class _RoutedRequest(BaseModel):

@@ -25,8 +25,15 @@ from loraplex.router.protocol import (
     validate,
 )
 from loraplex.router.tenancy.auth import Authenticator, Principal, may_use
+from loraplex.router.tenancy.cache_salt import CacheSalts
 from loraplex.router.tenancy.quotas import Admission, QuotaExceeded, QuotaLedger, quota_adapter_name
-from loraplex.router.tenancy.request_metrics import RequestMetrics, ResponseObserver, ask_for_usage
+from loraplex.router.tenancy.request_metrics import (
+    CLIENT_CLOSED_REQUEST,
+    RequestMetrics,
+    ResponseObserver,
+    UsageAsked,
+    ask_for_usage,
+)
 
 log = logging.getLogger(__name__)
 
@@ -50,12 +57,19 @@ class APIGuard:
         ledger: QuotaLedger,
         metrics: RequestMetrics,
         base_model_name: str,
+        cache_salts: CacheSalts | None = None,
+        default_max_tokens: int = 2048,
     ) -> None:
+        """`cache_salts`: default a random secret (see router/tenancy/cache_salt.py);
+        `default_max_tokens`: the engine's context length, the most a request without
+        `max_tokens` may generate."""
         self.app = app
         self.authenticator = authenticator
         self.ledger = ledger
         self.metrics = metrics
         self.base_model_name = base_model_name
+        self.cache_salts = cache_salts or CacheSalts()
+        self.default_max_tokens = default_max_tokens
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         path = scope.get("path", "")
@@ -64,7 +78,7 @@ class APIGuard:
             return
         state = scope.setdefault("state", {})
         completion = scope["method"] == "POST" and path in COMPLETION_PATHS
-        observer = ResponseObserver(stream=False, drop_usage_chunk=False)
+        observer = ResponseObserver(stream=False)
         try:
             principal = await run_sync(self.authenticator.authenticate, _header(scope))
         except (APIError, SQLAlchemyError) as exc:
@@ -92,8 +106,9 @@ class APIGuard:
             schema = REQUEST_SCHEMAS[scope["path"]]
             data = load_json_object(body)
             parsed = validate(data, schema)
+            salt = self.cache_salts.salt(principal, data.get("cache_salt"))
         except APIError as exc:
-            observer = ResponseObserver(stream=False, drop_usage_chunk=False)
+            observer = ResponseObserver(stream=False)
             await error_response(exc)(scope, receive, observer.wrap(send))
             self.metrics.record(None, principal.label, observer, reached_app=False)
             return
@@ -103,12 +118,15 @@ class APIGuard:
         tenant = principal.label
         scope["state"]["model"] = model
         stream = parsed.stream is True
-        client_wants_usage = False
+        changes: dict[str, Any] = {} if salt is None else {"cache_salt": salt}
+        usage_asked: UsageAsked = "every_chunk"
         if stream:
-            data, client_wants_usage = ask_for_usage(data)
-            if not client_wants_usage:
-                body = json.dumps(data).encode()
-        observer = ResponseObserver(stream, drop_usage_chunk=stream and not client_wants_usage)
+            # Usage on every chunk, so a stream cut short is still charged what it sent.
+            options, usage_asked = ask_for_usage(data.get("stream_options"))
+            if usage_asked != "every_chunk":
+                changes["stream_options"] = options
+        body = _with_fields(body, data, changes)
+        observer = ResponseObserver(stream, usage_asked, parsed.n or 1)
         if not may_use(principal, model, self.base_model_name):
             await error_response(model_not_found(model))(scope, receive, observer.wrap(send))
             self.metrics.record(None, tenant, observer, reached_app=False)
@@ -128,15 +146,65 @@ class APIGuard:
             self.metrics.provisional_adapter_label(adapter), self.metrics.tenant_label(tenant)
         )
         in_flight.inc()
+        client_left = False
         try:
-            await self.app(scope, _replay(body, receive), observer.wrap(send))
+            client_left = await self._until_client_leaves(
+                scope, receive, _replay(body, receive), observer.wrap(send), observer
+            )
         finally:
             in_flight.dec()
             # A client that disconnects cancels this task: still release quota and record.
             with anyio.CancelScope(shield=True):
                 self.metrics.record(adapter, tenant, observer, reached_app=True)
                 if admission is not None:
-                    await self._settle(admission, observer.total_tokens)
+                    tokens = observer.total_tokens
+                    if client_left and not observer.usage_seen and not observer.output_chunks:
+                        tokens = self._unseen_cost(parsed)
+                    await self._settle(admission, tokens)
+
+    async def _until_client_leaves(
+        self, scope: dict, receive: Any, app_receive: Any, send: Any, observer: ResponseObserver
+    ) -> bool:
+        """Run the endpoint, and stop it if the client disconnects before the response
+        ended; True when it did. Stopping it closes the backend request, and vLLM aborts a
+        request whose connection closes, so a client that left costs no more engine time.
+
+        Starlette stops a streamed response on disconnect by itself, but not a route still
+        waiting for the backend: a non-streamed answer, or a stream's first chunk."""
+        left = False
+        failure: Exception | None = None
+        async with anyio.create_task_group() as group:
+
+            async def watch() -> None:
+                nonlocal left
+                # The body was read already: what comes now is the disconnect (uvicorn also
+                # reports one once the response is complete).
+                while (await receive())["type"] != "http.disconnect":
+                    pass
+                if not observer.complete:
+                    left = True
+                    group.cancel_scope.cancel()
+
+            group.start_soon(watch)
+            try:
+                await self.app(scope, app_receive, send)
+            except Exception as exc:
+                failure = exc  # raised as itself below, not inside an ExceptionGroup
+            group.cancel_scope.cancel()
+        if failure is not None:
+            raise failure
+        if left and observer.status == 500 and not observer.complete:
+            observer.status = CLIENT_CLOSED_REQUEST  # nothing was answered
+        return left
+
+    def _unseen_cost(self, parsed: Any) -> int:
+        """What a request whose client left before any usage came back is charged: the
+        router cannot know how far the engine got before it aborted the request, so the
+        most it could have generated (n × max_tokens, or n × the context length)."""
+        worst_case = parsed.worst_case_tokens()
+        if worst_case is not None:
+            return int(worst_case)
+        return (parsed.n or 1) * self.default_max_tokens
 
     def _rejection(self, exc: Exception, tenant: str) -> APIError:
         if isinstance(exc, QuotaExceeded):
@@ -175,6 +243,19 @@ async def _read_body(receive: Any) -> bytes:
         if not message.get("more_body", False):
             break
     return b"".join(chunks)
+
+
+def _with_fields(body: bytes, data: dict[str, Any], fields: dict[str, Any]) -> bytes:
+    """The body with `fields` set. When the client sent none of them they go in right after
+    the opening brace and the client's bytes follow as sent (no re-encoding of a long
+    prompt on every request); otherwise the parsed body is encoded again."""
+    if not fields:
+        return body
+    # body[1] is NUL for UTF-16/32 JSON, which json.loads accepts too.
+    if body[:1] == b"{" and body[1:2] != b"\x00" and data and not fields.keys() & data.keys():
+        added = json.dumps(fields, separators=(",", ":"), ensure_ascii=False)[1:-1]
+        return b"{" + added.encode() + b"," + body[1:]
+    return json.dumps({**data, **fields}, ensure_ascii=False).encode()
 
 
 def _replay(body: bytes, receive: Any) -> Any:

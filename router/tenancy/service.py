@@ -15,6 +15,7 @@ from loraplex.database import shared_engine
 from loraplex.router.tenancy.admin_api import admin_router
 from loraplex.router.tenancy.auth import ANONYMOUS, Authenticator, check_startup_access, is_loopback
 from loraplex.router.tenancy.auth import may_use as _may_use
+from loraplex.router.tenancy.cache_salt import CacheSalts
 from loraplex.router.tenancy.guard import APIGuard
 from loraplex.router.tenancy.quotas import QuotaLedger
 from loraplex.router.tenancy.request_metrics import RequestMetrics
@@ -38,6 +39,9 @@ class Tenancy:
         )
         self.ledger = QuotaLedger(store.engine, settings.backend_timeout_s + _LEASE_MARGIN_S)
         self.metrics = RequestMetrics(settings.metrics_max_label_values, settings.base_model_name)
+        # Per-tenant prefix-cache salts keyed by the router-to-engine secret (cache_salt.py).
+        self.cache_salts = CacheSalts(settings.backend_api_key.get_secret_value())
+        self.max_model_len = settings.max_model_len
 
     @classmethod
     def from_settings(cls, settings: ServeSettings) -> Tenancy:
@@ -59,6 +63,8 @@ class Tenancy:
             ledger=self.ledger,
             metrics=self.metrics,
             base_model_name=self.base_model_name,
+            cache_salts=self.cache_salts,
+            default_max_tokens=self.max_model_len,
         )
         app.include_router(admin_router(self.store, registry))
 
