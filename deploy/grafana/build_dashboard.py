@@ -473,6 +473,73 @@ def adapters() -> list[Any]:
     ]
 
 
+def rollouts() -> list[Any]:
+    """Weighted aliases (canary): each version's series carries `role` (incumbent, canary,
+    or single for a name that resolves to one version) from router/version_metrics.py."""
+    sel = 'adapter=~"$adapter"'
+    by = "adapter, alias, version, role"
+    legend = "{{adapter}}@{{alias}} {{version}} ({{role}})"
+    return [
+        graph_panel(
+            "Canary vs incumbent",
+            [
+                query(
+                    # `or ... * 0`: a version without any 5xx reads 0 %, not "No data".
+                    f'(sum by ({by}) (rate(loraplex_version_requests_total{{{sel}, status=~"5.."}}'
+                    f"{RATE})) or sum by ({by}) (rate(loraplex_version_requests_total{{{sel}}}"
+                    f"{RATE})) * 0) / sum by ({by}) (rate(loraplex_version_requests_total"
+                    f"{{{sel}}}{RATE}))",
+                    legend,
+                )
+            ],
+            unit="percentunit",
+            width=6,
+            description="Server-error (5xx) ratio of each version of a weighted alias. "
+            "LoraplexCanaryErrorRateAboveIncumbent fires when a canary's is over twice its "
+            "incumbent's; an alias with --guard rolls itself back (Automatic rollbacks).",
+        ),
+        graph_panel(
+            "Requests/s by adapter version",
+            [
+                query(
+                    f"sum by ({by}) (rate(loraplex_version_requests_total{{{sel}}}{RATE}))",
+                    legend,
+                )
+            ],
+            unit="reqps",
+            width=6,
+            description="The split as served: a 90/10 alias shows about nine incumbent "
+            "requests per canary request (per end user, so fewer users give a rougher split).",
+        ),
+        graph_panel(
+            "TTFT p95 by adapter version",
+            [
+                query(
+                    f"histogram_quantile(0.95, sum by ({by}, le) "
+                    f"(rate(loraplex_version_time_to_first_token_seconds_bucket{{{sel}}}{RATE})))",
+                    legend,
+                )
+            ],
+            unit="s",
+            width=6,
+            description="Streams only (a non-streamed answer has no first-token time).",
+        ),
+        graph_panel(
+            "Automatic rollbacks",
+            [
+                query(
+                    "sum by (adapter, alias, reason) "
+                    f"(increase(loraplex_rollout_rollbacks_total{{{sel}}}{RATE}))",
+                    "{{adapter}}@{{alias}} {{reason}}",
+                )
+            ],
+            width=6,
+            description="Weighted aliases moved back to their incumbent by their guard; "
+            "`loraplex adapters list` shows each event with the numbers that tripped it.",
+        ),
+    ]
+
+
 def tenants() -> list[Any]:
     return [
         graph_panel(
@@ -563,6 +630,7 @@ ROWS = [
     ("Replicas", replicas),
     ("Latency", latency),
     ("Adapters", adapters),
+    ("Rollouts (canary vs incumbent)", rollouts),
     ("Tenants and quotas", tenants),
     ("Backend (vLLM)", backend),
 ]

@@ -39,7 +39,11 @@ _SAMPLE_SUFFIXES = {
 
 # Modules whose module-level metrics the router's /metrics exports: the router's own, and
 # the engine supervisor's (`loraplex serve` runs it in the router's process).
-METRIC_MODULES = ("loraplex.router.metrics", "loraplex.serving.supervisor")
+METRIC_MODULES = (
+    "loraplex.router.metrics",
+    "loraplex.router.version_metrics",
+    "loraplex.serving.supervisor",
+)
 
 
 @cache
