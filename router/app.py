@@ -23,6 +23,7 @@ from loraplex.router.errors import error_body, install_error_handlers
 from loraplex.router.forwarding import Call, Forwarder
 from loraplex.router.metrics_api import metrics_router
 from loraplex.router.model_rewrite import request_with_model
+from loraplex.router.openapi import admin_or_open, install_openapi
 from loraplex.router.protocol import ChatCompletionRequest, CompletionRequest, parse_request
 from loraplex.router.request_log import RequestLogMiddleware
 from loraplex.router.rollout import RolloutGuardian, user_key
@@ -61,7 +62,16 @@ def create_app(
         await pool.close()
         tenancy.close()
 
-    app = FastAPI(title="loraplex", version="0.1.0", lifespan=lifespan)
+    # FastAPI's /openapi.json, /docs and /redoc are open to anyone: ours take the admin key
+    # once keys are required (router/openapi.py).
+    app = FastAPI(
+        title="loraplex",
+        version="0.1.0",
+        lifespan=lifespan,
+        openapi_url=None,
+        docs_url=None,
+        redoc_url=None,
+    )
     # Added before the guard, so inside it: the served version's header, metrics, rollbacks.
     version_labels = VersionLabels(settings.metrics_max_label_values)
     guardian = RolloutGuardian(resolver.registry.catalog, version_labels)
@@ -76,6 +86,7 @@ def create_app(
     app.include_router(metrics_router(pool))
 
     install_error_handlers(app)  # domain errors → OpenAI error JSON, in one place
+    install_openapi(app, admin_or_open(tenancy.authenticator))
 
     async def forward(request: Request, path: str, schema: type) -> Response:
         body = await request.body()

@@ -16,6 +16,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from sqlalchemy.exc import SQLAlchemyError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from loraplex.adapters.blob_store import StoreUnavailable
 from loraplex.adapters.catalog import CatalogConflict, CatalogLookupError
@@ -179,16 +180,29 @@ def install_error_handlers(app: FastAPI) -> None:
         return error_response(validation_error(exc))
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        # Starlette's own 404 and 405; a 405 carries `Allow` (RFC 9110), kept here.
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        # Starlette's own 404 and 405. A 405 must carry `Allow` with every method the path
+        # takes (RFC 9110); Starlette's names only the first route that matched the path.
+        headers = dict(exc.headers or {})
+        if exc.status_code == 405:
+            headers["Allow"] = ", ".join(sorted(_allowed_methods(request)))
         return JSONResponse(
-            error_body(exc.status_code, str(exc.detail)), exc.status_code, headers=exc.headers
+            error_body(exc.status_code, str(exc.detail)), exc.status_code, headers=headers
         )
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error")
         return JSONResponse(error_body(500, f"Internal error: {type(exc).__name__}"), 500)
+
+
+def _allowed_methods(request: Request) -> set[str]:
+    methods: set[str] = set()
+    for route in request.app.router.routes:
+        match, _ = route.matches(request.scope)
+        if match is not Match.NONE:
+            methods |= getattr(route, "methods", None) or set()
+    return methods
 
 
 def _first_line(exc: Exception) -> str:

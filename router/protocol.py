@@ -1,11 +1,11 @@
-"""The parts of OpenAI's request bodies the router itself reads, and the limits on a body.
+"""OpenAI's request bodies as the router reads them, and the limits on a body.
 
-The router validates what it needs to route, bill and bound (`model`, the prompt or
-messages being present, `stream`, `stream_options`, `n`, `max_tokens`,
-`max_completion_tokens`); everything else passes through unchanged to vLLM, which
-validates the rest and answers in the same error shape. Types are strict as OpenAI's API
-is: `"stream": 1` or `"true"` and `"n": "2"` are 400s naming the field, so every layer
-(quota guard, route) reads one typed request and none can read a field differently.
+The completion models carry OpenAI's fields and vLLM's sampling extras, typed, so one
+parse checks them and `/openapi.json` documents them (router/openapi.py); fields they do
+not name pass through unchanged to vLLM, which validates them and answers in the same
+error shape. Types are strict as OpenAI's API is: `"stream": 1` or `"true"`, `"n": "2"`,
+`"temperature": "0.5"` are 400s naming the field, so every layer (quota guard, route)
+reads one typed request and none can read a field differently.
 """
 
 from __future__ import annotations
@@ -13,7 +13,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError
+from typing_extensions import Required, TypedDict
 
 from loraplex.router.errors import APIError
 
@@ -33,14 +34,36 @@ class StreamOptions(BaseModel):
 
 
 class _RoutedRequest(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    # Strict types as OpenAI's API (a JSON integer is still a valid float); unknown fields
+    # pass through to vLLM unchanged. Field docstrings are the OpenAPI descriptions.
+    model_config = ConfigDict(extra="allow", strict=True, use_attribute_docstrings=True)
 
-    model: str = Field(min_length=1, max_length=MAX_MODEL_NAME_CHARS, strict=True)
-    stream: StrictBool | None = False
+    model: str = Field(min_length=1, max_length=MAX_MODEL_NAME_CHARS)
+    """The base model's name, or an adapter: `tenant/name`, `tenant/name@alias`,
+    `tenant/name:vN`, or a local adapter folder's name."""
+    stream: bool | None = False
+    """Answer as server-sent events (`text/event-stream`), ending with `data: [DONE]`."""
     stream_options: StreamOptions | None = None
-    n: StrictInt | None = Field(None, ge=1)
-    max_tokens: StrictInt | None = Field(None, ge=1)
-    max_completion_tokens: StrictInt | None = Field(None, ge=1)
+    n: int | None = Field(None, ge=1)
+    """How many choices to generate (each counts against the token quota)."""
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = None
+    top_p: float | None = None
+    frequency_penalty: float | None = None
+    presence_penalty: float | None = None
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    logit_bias: dict[str, float] | None = None
+    user: str | None = None
+    # vLLM's sampling parameters beyond OpenAI's.
+    top_k: int | None = None
+    min_p: float | None = None
+    repetition_penalty: float | None = None
+    min_tokens: int | None = None
+    ignore_eos: bool | None = None
+    stop_token_ids: list[int] | None = None
+    skip_special_tokens: bool | None = None
 
     def worst_case_tokens(self) -> int | None:
         """The most completion tokens this request may generate (`n` × the max), or None
@@ -49,12 +72,40 @@ class _RoutedRequest(BaseModel):
         return None if limit is None else (self.n or 1) * limit
 
 
+class ChatMessage(TypedDict, total=False):
+    """One chat message. A TypedDict, not a model: messages stay the plain dicts they were
+    sent as, and a request validates faster (39 µs against 50 µs for a one-message request
+    with a model per message, measured here)."""
+
+    __pydantic_config__ = ConfigDict(extra="allow", strict=True)  # type: ignore[misc]
+
+    role: Required[str]
+    """`system`, `user`, `assistant`, `tool` (or `developer`)."""
+    content: str | list[dict[str, Any]] | None
+    """Text, or a list of content parts (`{"type": "text", "text": ...}`)."""
+    name: str
+
+
 class ChatCompletionRequest(_RoutedRequest):
-    messages: list[dict[str, Any]] = Field(min_length=1)
+    """OpenAI's chat completion request (the fields vLLM accepts; others pass through)."""
+
+    messages: list[ChatMessage] = Field(min_length=1)
+    logprobs: bool | None = None
+    top_logprobs: int | None = None
+    response_format: dict[str, Any] | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
 
 
 class CompletionRequest(_RoutedRequest):
-    prompt: str | list[Any]
+    """OpenAI's (legacy) completion request (the fields vLLM accepts; others pass through)."""
+
+    prompt: str | list[str] | list[int] | list[list[int]]
+    """Text, texts, token ids, or lists of token ids."""
+    echo: bool | None = None
+    logprobs: int | None = None
+    suffix: str | None = None
 
 
 def load_json_object(body: bytes) -> dict[str, Any]:
@@ -86,8 +137,17 @@ def validate(data: dict[str, Any], schema: type[BaseModel]) -> Any:
         return schema.model_validate(data)
     except ValidationError as exc:
         first = exc.errors(include_input=False, include_url=False)[0]
-        field = ".".join(str(part) for part in first["loc"]) or None
+        field = ".".join(str(part) for part in first["loc"] if not _union_tag(part)) or None
         raise APIError(400, f"Invalid field '{field}': {first['msg']}", param=field) from None
+
+
+def _union_tag(part: int | str) -> bool:
+    """Pydantic names the member of a union that failed in `loc` (`stop.str`,
+    `prompt.list[int]`); the client's field is the path without it."""
+    return isinstance(part, str) and ("[" in part or part in _UNION_MEMBERS)
+
+
+_UNION_MEMBERS = frozenset({"str", "int", "float", "bool", "none", "dict", "list"})
 
 
 def _too_deep() -> APIError:
