@@ -47,16 +47,18 @@ _Key = tuple[AdapterName, str, datetime]
 class RolloutGuardian:
     """Adds the outcomes of guarded aliases' requests to the catalog's shared counters.
 
-    Each request's outcome is written before its answer leaves the router, so the next
-    request (on any replica) already sees a rollback it caused. Under concurrency the
-    writes batch: one request writes what all the requests that arrived during the
-    previous write counted (one transaction per write)."""
+    A server error is written before its answer leaves the router, so the request after
+    the one that trips the guard (on any replica) already gets the incumbent; successes
+    are written in the background, batched, and add no latency (one write, about a
+    millisecond on an idle SQLite, 30 ms measured on the busy 2-core CI machine). Under
+    concurrency one write carries what every request counted during the previous one."""
 
     def __init__(self, catalog: Catalog, labels: VersionLabels) -> None:
         self.catalog = catalog
         self.labels = labels
         self._pending: dict[_Key, dict[int, list[int]]] = {}
         self._lock: asyncio.Lock | None = None
+        self._background: asyncio.Task[None] | None = None
 
     async def record(self, adapter: ServedAdapter, server_error: bool) -> None:
         if adapter.alias is None or adapter.generation is None or adapter.version is None:
@@ -65,6 +67,16 @@ class RolloutGuardian:
         counts = self._pending.setdefault(key, {}).setdefault(adapter.version, [0, 0])
         counts[0] += 1
         counts[1] += int(server_error)
+        if server_error:
+            await self._write_pending()
+        elif self._background is None or self._background.done():
+            self._background = asyncio.get_running_loop().create_task(self._drain())
+
+    async def _drain(self) -> None:
+        while self._pending:
+            await self._write_pending()
+
+    async def _write_pending(self) -> None:
         if self._lock is None:
             self._lock = asyncio.Lock()
         async with self._lock:

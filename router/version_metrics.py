@@ -116,7 +116,9 @@ class VersionMiddleware:
                 if adapter is not None:
                     headers.append((VERSION_HEADER.encode(), f"v{adapter.version}".encode()))
                     message = {**message, "headers": headers}
-                    if adapter.guarded and self.guardian is not None:
+                    # Client errors (4xx) say nothing about the version: not counted.
+                    client_error = 400 <= seen.status < 500
+                    if adapter.guarded and self.guardian is not None and not client_error:
                         with anyio.CancelScope(shield=True):
                             await self.guardian.record(adapter, seen.status >= 500)
             elif message["type"] == "http.response.body" and adapter is not None:
