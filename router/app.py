@@ -83,7 +83,7 @@ def create_app(
     # Outside the guard (which reads bodies), inside the request log (413s are logged).
     app.add_middleware(BodyLimitMiddleware, limit_bytes=settings.max_request_body_mib << 20)
     app.add_middleware(RequestLogMiddleware)
-    app.include_router(metrics_router(pool))
+    app.include_router(metrics_router(pool, tenancy.require_operator))
 
     install_error_handlers(app)  # domain errors → OpenAI error JSON, in one place
     install_openapi(app, admin_or_open(tenancy.authenticator))
@@ -103,6 +103,9 @@ def create_app(
             else:
                 adapter = await run_in_threadpool(resolver.resolve, parsed.model, who)
         request.state.served_adapter = adapter  # router/version_metrics.py reads it
+        # The name exists and the caller may use it (the guard checked access): only now
+        # may it take a metric label of its own (router/tenancy/request_metrics.py).
+        request.state.model_resolved = True
         backend_name = adapter.id if adapter is not None else parsed.model
         if adapter is not None:
             body = request_with_model(body, backend_name, parsed.model)

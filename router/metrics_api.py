@@ -4,17 +4,21 @@ The backends listen on loopback (or inside the cluster), so Prometheus reaches v
 metrics through the router: `/metrics/backend` scrapes every replica that takes traffic
 and serves their metrics as one exposition, each sample labelled with its `backend`
 (ejected replicas are left out; a scrape fails with 503 only when no replica answers).
-Both are unauthenticated, like most scrape targets: they carry adapter and tenant names
-but no keys or prompts; keep the router port off the public internet or filter
-`/metrics*` at the ingress if names are sensitive.
+Both carry every tenant's name and traffic, and vLLM's prefix-cache counters (a timing
+oracle on other tenants' prompts), so they take the same credential as `/admin/*`: once
+keys are required (an admin key or any tenant exists) only an admin key reads them (no
+key 401, a tenant key 403); open loopback mode (no keys at all) keeps them open.
+Prometheus sends the admin key from a file (`authorization.credentials_file`,
+deploy/prometheus/prometheus.yml).
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 
 import httpx
-from fastapi import APIRouter
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
@@ -24,8 +28,9 @@ from loraplex.router.errors import APIError
 _TIMEOUT = httpx.Timeout(5.0, connect=2.0)
 
 
-def metrics_router(pool: BackendPool) -> APIRouter:
-    router = APIRouter()
+def metrics_router(pool: BackendPool, authorize: Callable[[Request], Awaitable[None]]) -> APIRouter:
+    """`authorize` raises the 401/403 APIError for a caller that may not read metrics."""
+    router = APIRouter(dependencies=[Depends(authorize)])
 
     @router.get("/metrics", include_in_schema=False)
     async def metrics() -> Response:

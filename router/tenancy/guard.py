@@ -155,7 +155,10 @@ class APIGuard:
             in_flight.dec()
             # A client that disconnects cancels this task: still release quota and record.
             with anyio.CancelScope(shield=True):
-                self.metrics.record(adapter, tenant, observer, reached_app=True)
+                # A label of its own only for a name the route resolved (exists, allowed):
+                # not for a made-up one, even if the client left before its 404.
+                resolved = bool(scope["state"].get("model_resolved"))
+                self.metrics.record(adapter, tenant, observer, reached_app=resolved)
                 if admission is not None:
                     tokens = observer.total_tokens
                     if client_left and not observer.usage_seen and not observer.output_chunks:

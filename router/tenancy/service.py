@@ -12,6 +12,7 @@ from starlette.concurrency import run_in_threadpool
 
 from loraplex.adapters.registry import Registry
 from loraplex.database import shared_engine
+from loraplex.router.errors import APIError
 from loraplex.router.tenancy.admin_api import admin_router
 from loraplex.router.tenancy.auth import ANONYMOUS, Authenticator, check_startup_access, is_loopback
 from loraplex.router.tenancy.auth import may_use as _may_use
@@ -67,6 +68,20 @@ class Tenancy:
             default_max_tokens=self.max_model_len,
         )
         app.include_router(admin_router(self.store, registry))
+
+    async def require_operator(self, request: Request) -> None:
+        """FastAPI dependency of operator-only reads (`/metrics`, `/metrics/backend`): an
+        admin key once keys are required (no key 401, a tenant key 403, like `/admin/*`);
+        anyone in open loopback mode, where there are no keys to ask for.
+
+        These paths are outside the API guard (health checks and scrapes must not pass
+        through quotas), so the key is checked here, with the same authenticator; a
+        database outage is the 503 that router/errors.py maps every one to."""
+        principal = await run_in_threadpool(
+            self.authenticator.authenticate, request.headers.get("authorization")
+        )
+        if principal.role == "tenant":
+            raise APIError(403, "This API key may not read metrics.", code="admin_required")
 
     def visible(self, request: Request, cards: list[dict]) -> list[dict]:
         """The model cards (`id` = model name) the caller may see and call."""
