@@ -10,6 +10,7 @@ import math
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
@@ -20,9 +21,18 @@ from loraplex.adapters.names import InvalidAdapterName
 from loraplex.adapters.refs import parse_adapter_ref, parse_registry_name
 from loraplex.adapters.registry import Registry
 from loraplex.adapters.splits import InvalidSplit, RolloutGuard, parse_guard, parse_weights
-from loraplex.router.adapter_loading import AdapterResolver
+from loraplex.router.adapter_loading import AdapterResolver, ServedAdapter
 from loraplex.router.app import create_app
-from loraplex.router.version_metrics import ROLLOUT_ROLLBACKS, VERSION_REQUESTS
+from loraplex.router.version_metrics import (
+    ROLLOUT_ROLLBACKS,
+    VERSION_COMPLETION_TOKENS,
+    VERSION_PROMPT_TOKENS,
+    VERSION_REQUESTS,
+    VERSION_TIME_TO_FIRST_TOKEN,
+    VersionLabels,
+    VersionMiddleware,
+)
+from tests.unit.race_helpers import run_together
 from tests.unit.registry_helpers import make_adapter_dir, make_base_dir
 from tests.unit.test_registry_cli import run
 from tests.unit.test_registry_router import Setup, make_setup
@@ -333,3 +343,75 @@ def test_cli_canary_promote_and_listing(tmp_path: Path, capsys, monkeypatch):
     assert out.strip() == "acme/support@prod → v2 (was v1=90,v2=10)"
     code, out, _ = run(capsys, "list", "--json")
     assert json.loads(out)[0]["aliases"]["prod"] == 2
+
+
+def test_replicas_adding_counts_at_once_lose_none_and_roll_back_once(catalog: Catalog):
+    # 8 routers each report 1 canary error at the same moment (run of 8): every count
+    # lands, and exactly one of them trips the guard.
+    catalog.set_alias_weights(SUPPORT, "prod", {3: 80, 4: 20}, "error_rate<=2x,min_requests=8")
+    generation = catalog.resolve_target(parse_adapter_ref("acme/support@prod")).generation
+    assert generation is not None
+    outcomes = run_together(
+        lambda i: catalog.record_outcomes(SUPPORT, "prod", generation, {3: (4, 0), 4: (1, 1)})
+    )
+    assert not [o for o in outcomes if isinstance(o, Exception)], outcomes
+    events = [o for o in outcomes if o is not None]
+    assert len(events) == 1, outcomes
+    assert "canary v4 server-error rate 100.0% (8/8)" in events[0].detail
+    assert "incumbent v3 0.0% (0/" in events[0].detail
+
+
+async def _streaming_app(scope: dict, receive: Any, send: Any) -> None:
+    """A stand-in completion endpoint: resolves to v2 of a weighted alias and streams two
+    text chunks and the usage chunk, as vLLM does with include_usage."""
+    scope.setdefault("state", {})["served_adapter"] = ServedAdapter(
+        SUPPORT, "acme/support@prod", "lpx-x", None, D[1], 2, alias="prod", role="canary"
+    )
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 200,
+            "headers": [(b"content-type", b"text/event-stream")],
+        }
+    )
+    events = [
+        {"choices": [{"text": "Par"}]},
+        {"choices": [{"text": "is"}]},
+        {"choices": [], "usage": {"prompt_tokens": 7, "completion_tokens": 2}},
+    ]
+    for event in events:
+        body = b"data: " + json.dumps(event).encode() + b"\n\n"
+        await send({"type": "http.response.body", "body": body, "more_body": True})
+    await send({"type": "http.response.body", "body": b"data: [DONE]\n\n"})
+
+
+def test_streamed_answers_count_tokens_and_ttft_per_version():
+    labels = ("acme/support", "prod", "v2", "canary")
+    before = (
+        VERSION_COMPLETION_TOKENS.labels(*labels)._value.get(),
+        VERSION_PROMPT_TOKENS.labels(*labels)._value.get(),
+        _histogram_count(VERSION_TIME_TO_FIRST_TOKEN, labels),
+    )
+    app = VersionMiddleware(_streaming_app, labels=VersionLabels(10))
+    client = TestClient(app)
+    response = client.post("/v1/completions", json={})
+    assert response.headers["x-loraplex-adapter-version"] == "v2"
+    assert '"usage"' in response.text  # passed through untouched (the guard drops it)
+    after = (
+        VERSION_COMPLETION_TOKENS.labels(*labels)._value.get(),
+        VERSION_PROMPT_TOKENS.labels(*labels)._value.get(),
+        _histogram_count(VERSION_TIME_TO_FIRST_TOKEN, labels),
+    )
+    assert (after[0] - before[0], after[1] - before[1], after[2] - before[2]) == (2, 7, 1)
+
+
+def _histogram_count(histogram: Any, labels: tuple[str, ...]) -> float:
+    for metric in histogram.collect():
+        for sample in metric.samples:
+            if (
+                sample.name.endswith("_count")
+                and tuple(sample.labels[k] for k in ("adapter", "alias", "version", "role"))
+                == labels
+            ):
+                return sample.value
+    return 0.0
