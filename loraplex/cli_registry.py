@@ -204,9 +204,15 @@ def cmd_list(args: argparse.Namespace) -> int:
             for event in adapter.events:  # automatic rollbacks, newest first
                 print(f"  {event.at:%Y-%m-%d %H:%M:%S}  {event.kind}: {event.detail}")
             for v in adapter.versions:
+                # A weighted alias names every version of its split, with its share.
+                labels = [f"@{a}" for a in v.aliases if a not in adapter.weights] + [
+                    f"@{a}:{split[v.number]}%"
+                    for a, split in sorted(adapter.weights.items())
+                    if v.number in split
+                ]
                 print(
                     f"  v{v.number:<4} {v.digest[:12]}  {v.size_bytes / 1e6:8.1f} MB  "
-                    f"{v.published_at:%Y-%m-%d %H:%M:%S}  {' '.join('@' + a for a in v.aliases)}"
+                    f"{v.published_at:%Y-%m-%d %H:%M:%S}  {' '.join(labels)}"
                 )
         return 0
 

@@ -335,6 +335,7 @@ def test_cli_canary_promote_and_listing(tmp_path: Path, capsys, monkeypatch):
     )
     code, out, _ = run(capsys, "list")
     assert "@prod=v1=90,v2=10 [guard error_rate<=2x,min_requests=200]" in out
+    assert "@prod:90%" in out and "@latest @prod:10%" in out  # each version's share
     code, _, err = run(capsys, "alias", "acme/support", "prod", "--to", "v1=90,v2=20")
     assert code == 2 and "weights sum to 110" in err
     code, _, err = run(capsys, "delete", "acme/support:v2", "--force")
