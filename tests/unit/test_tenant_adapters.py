@@ -174,8 +174,9 @@ def test_admin_api_tenant_delete_takes_its_adapters(router: Setup) -> None:
 
 
 def test_catalog_delete_keeps_other_tenants_rows(database_url: str, tmp_path: Path) -> None:
-    """The catalog side alone: aliases and versions of the tenant go, another tenant whose
-    name starts the same ("acme" vs "acme2") keeps everything."""
+    """The catalog side alone: versions, aliases, splits and rollout state of the tenant go
+    (PostgreSQL enforces every foreign key), another tenant whose name starts the same
+    ("acme" vs "acme2") keeps everything."""
     catalog = Catalog.open(database_url)
     store = open_blob_store(tmp_path / "store")
     for name, seed in (("acme/a", 1), ("acme/a", 2), ("acme2/a", 3)):
@@ -184,6 +185,15 @@ def test_catalog_delete_keeps_other_tenants_rows(database_url: str, tmp_path: Pa
             folder, parse_registry_name(name), catalog=catalog, store=store, checks=CHECKS
         )
     catalog.set_alias(parse_registry_name("acme/a"), "stable", 1)
+    # A weighted alias with a guard: split rows (which keep their versions from deletion),
+    # shared rollout counters and alias events all point at the tenant's rows.
+    catalog.set_alias_weights(
+        parse_registry_name("acme/a"),
+        "prod",
+        {1: 90, 2: 10},
+        guard="error_rate<=2x,min_requests=10",
+    )
+    assert "prod" in next(a for a in catalog.list_adapters() if a.name == "acme/a").aliases
     deleted = catalog.delete_tenant_adapters("acme")
     assert deleted.adapters == ("acme/a",) and len(deleted.unreferenced_digests) == 2
     [left] = catalog.list_adapters()
