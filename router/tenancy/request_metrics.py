@@ -277,7 +277,9 @@ class RequestMetrics:
         self, adapter: str | None, tenant: str, observer: ResponseObserver, reached_app: bool
     ) -> None:
         status = observer.status
-        accepted = reached_app and status != 404 and observer.error_param != "model"
+        # `reached_app`: the route resolved the name (it exists, the caller may use it), so
+        # its own failures count under it too: a 500 when the engine cannot load it.
+        accepted = reached_app
         if adapter is None:
             adapter_label = UNKNOWN_ADAPTER
         elif accepted:
