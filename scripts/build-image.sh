@@ -64,6 +64,10 @@ while IFS= read -r line; do
   esac
 done < <("$PYTHON" -m pip config list 2>/dev/null)
 
+# Part of every layer's cache key (build arguments are): a fixed fallback keeps the key the
+# same whether or not the caller's environment sets it. Big wheels need a patient timeout.
+pip_settings[default-timeout]=${pip_settings[default-timeout]:-180}
+
 mounts=()
 torch_local=""
 for key in "${!pip_settings[@]}"; do
