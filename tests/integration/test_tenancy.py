@@ -347,13 +347,18 @@ def prometheus(router: TenantRouter, tmp_path: Path) -> Iterator[str]:
     if binary is None:
         pytest.fail("prometheus is not installed: run `make services` (Debian package)")
     target = router.url.removeprefix("http://")
+    # The router's metrics need the admin key (as deploy/prometheus/prometheus.yml sends it);
+    # the job without it shows they are not open.
+    (tmp_path / "admin-key").write_text(ADMIN_KEY + "\n")
+    auth = f"    authorization: {{type: Bearer, credentials_file: '{tmp_path / 'admin-key'}'}}\n"
     config = tmp_path / "prometheus.yml"
     config.write_text(
         "global: {scrape_interval: 1s, evaluation_interval: 1s}\n"
         "scrape_configs:\n"
-        f"  - job_name: loraplex\n    static_configs: [{{targets: ['{target}']}}]\n"
+        f"  - job_name: loraplex\n    static_configs: [{{targets: ['{target}']}}]\n{auth}"
         f"  - job_name: vllm\n    metrics_path: /metrics/backend\n"
-        f"    static_configs: [{{targets: ['{target}']}}]\n"
+        f"    static_configs: [{{targets: ['{target}']}}]\n{auth}"
+        f"  - job_name: no-key\n    static_configs: [{{targets: ['{target}']}}]\n"
     )
     port = free_port()
     log = (tmp_path / "prometheus.log").open("wb")
@@ -444,6 +449,7 @@ def test_prometheus_scrapes_per_adapter_requests_tokens_and_ttft(
     # The vLLM backend's own metrics are scraped through the router too.
     vllm_up = _query(prometheus, 'up{job="vllm"}')
     assert vllm_up == 1
+    assert _query(prometheus, 'up{job="no-key"}') == 0  # no admin key, no metrics
     assert _query(prometheus, 'count({job="vllm", __name__=~"vllm:.*"})')
 
 
