@@ -2,7 +2,7 @@
 then charged from usage), per-tenant `cache_salt`, and for streams the per-chunk usage the
 router asks for and takes out again. Against the instant stub backend
 (bench/stub_backend.py), router minus direct per pair of sequential requests (pair order
-alternating), non-streamed and streamed.
+alternating), non-streamed and streamed, and the router process's CPU time per request.
 
 Compare code versions by running it under each (e.g. `PYTHONPATH=<installed old tree>`):
 the router it starts is `python -m loraplex.cli serve` with this interpreter and path.
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -38,6 +39,12 @@ def _once(client: httpx.Client, url: str, body: dict, headers: dict) -> float:
         response.raise_for_status()
         response.read()
     return time.perf_counter() - started
+
+
+def cpu_s(pid: int) -> float:
+    """CPU time (user + system) a process has used, in seconds (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def added_ms(stub: str, router: str, key: str, body: dict, count: int) -> list[float]:
@@ -102,13 +109,21 @@ def main() -> int:
         }
         for label, body in bodies.items():
             added_ms(stub, router, key, body, 50)  # warm both paths
+            cpu_before = cpu_s(processes[1].pid)
             differences = added_ms(stub, router, key, body, args.samples)
+            # The router's own CPU per request: unlike latency, barely moved by other
+            # processes on a busy machine (includes its health checks, ~1 per 2 s).
+            cpu_ms = (cpu_s(processes[1].pid) - cpu_before) * 1000 / args.samples
             p50, p95 = percentile(differences, 0.5), percentile(differences, 0.95)
-            report |= {f"{label}_added_ms_p50": p50, f"{label}_added_ms_p95": p95}
+            report |= {
+                f"{label}_added_ms_p50": p50,
+                f"{label}_added_ms_p95": p95,
+                f"{label}_router_cpu_ms": cpu_ms,
+            }
             print(
                 f"router-only overhead, tenant {label} ({args.samples} sequential requests"
                 f"{f', {args.chunks} chunks' if body.get('stream') else ''}): "
-                f"p50 {p50:.2f} ms, p95 {p95:.2f} ms",
+                f"p50 {p50:.2f} ms, p95 {p95:.2f} ms; router CPU {cpu_ms:.2f} ms per request",
                 flush=True,
             )
     finally:
