@@ -10,11 +10,17 @@ folder, publishes N seeded r=16 adapters of the embedded base (local store), the
 - throughput: R requests x T output tokens at concurrency C with a power-law
   popularity (p_i ~ 1 / i^alpha) over all N adapters, vs uniform over 8 adapters.
 
+With several --kernels (LORAPLEX_CPU_LORA_KERNELS) the same published adapters are
+measured with one server per choice, back to back, each with an empty router cache.
+The JSON also records the machine (CPU model, ISA flags) and the path the fused kernel
+takes for each LoRA projection of the base model on it.
+
 Prints a Markdown table and writes JSON (--out). Do not run it while others share the
 machine: it saturates the CPUs for minutes.
 
 Usage: python bench/adapter_swap.py [--adapters 200] [--cold 20] [--requests 256]
        [--tokens 32] [--concurrency 16] [--alpha 0.5] [--max-loras 8] [--max-cpu-loras 32]
+       [--kernels vllm loraplex-torch loraplex]
 """
 
 from __future__ import annotations
@@ -34,7 +40,7 @@ from pathlib import Path
 
 import httpx
 import torch
-from bench_common import free_port, percentile, serve_command, wait_ready
+from bench_common import free_port, machine, percentile, serve_command, wait_ready
 from safetensors.torch import load_file, save_file
 
 from loraplex.adapters.blob_store import open_blob_store
@@ -45,6 +51,7 @@ from loraplex.base_model import pull_embedded_model
 from loraplex.training.demo_adapters import DemoAdapterSpec, build_demo_adapter
 
 RANK, STRENGTH = 16, 0.4
+KERNELS = ("vllm", "loraplex-torch", "loraplex")
 PROMPT = "Describe a busy market in the morning."
 
 
@@ -124,16 +131,32 @@ async def throughput(url: str, models: list[str], args: argparse.Namespace) -> d
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--adapters", type=int, default=200)
-    parser.add_argument("--cold", type=int, default=20)
-    parser.add_argument("--requests", type=int, default=256)
-    parser.add_argument("--tokens", type=int, default=32)
-    parser.add_argument("--concurrency", type=int, default=16)
-    parser.add_argument("--alpha", type=float, default=0.5)
-    parser.add_argument("--max-loras", type=int, default=8)
-    parser.add_argument("--max-cpu-loras", type=int, default=32)
-    parser.add_argument("--dtype", default="bfloat16")
-    parser.add_argument("--out", type=Path, default=Path("bench/results/adapter_swap.json"))
+    parser.add_argument("--adapters", type=int, default=200, help="adapters published")
+    parser.add_argument(
+        "--cold", type=int, default=20, help="adapters timed cold then warm (the last ones)"
+    )
+    parser.add_argument(
+        "--requests", type=int, default=256, help="requests per throughput workload"
+    )
+    parser.add_argument("--tokens", type=int, default=32, help="output tokens per request")
+    parser.add_argument("--concurrency", type=int, default=16, help="requests in flight")
+    parser.add_argument("--alpha", type=float, default=0.5, help="power-law exponent")
+    parser.add_argument("--max-loras", type=int, default=8, help="vLLM adapter slots")
+    parser.add_argument("--max-cpu-loras", type=int, default=32, help="vLLM CPU adapter cache")
+    parser.add_argument("--dtype", default="bfloat16", help="model dtype")
+    parser.add_argument(
+        "--kernels",
+        choices=KERNELS,
+        nargs="+",
+        default=["loraplex"],
+        help="CPU LoRA kernel choices to measure, one server each, back to back",
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=Path("bench/results/adapter_swap.json"),
+        help="JSON results",
+    )
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="loraplex-bench-swap-"))
@@ -141,10 +164,64 @@ def main() -> int:
         os.environ,
         LORAPLEX_DATABASE_URL=f"sqlite:///{work}/loraplex.db",
         LORAPLEX_REGISTRY_STORE=str(work / "store"),
-        LORAPLEX_REGISTRY_CACHE_DIR=str(work / "cache"),
     )
-    print(f"publishing {args.adapters} adapters (r={RANK}) into {work}", file=sys.stderr)
-    names = publish_fleet(work, env, args.adapters)
+    try:
+        print(f"publishing {args.adapters} adapters (r={RANK}) into {work}", file=sys.stderr)
+        names = publish_fleet(work, env, args.adapters)
+        # Every choice reads the store from the page cache, not only the ones after the first.
+        for blob in (work / "store").rglob("*"):
+            if blob.is_file():
+                blob.read_bytes()
+        runs = {}
+        for kernels in args.kernels:
+            print(f"measuring with {kernels} kernels ...", file=sys.stderr)
+            cache = work / f"cache-{kernels}"  # empty: every cold adapter is fetched
+            kernel_env = env | {
+                "LORAPLEX_REGISTRY_CACHE_DIR": str(cache),
+                "LORAPLEX_CPU_LORA_KERNELS": kernels,
+            }
+            runs[kernels] = serve_and_measure(kernel_env, names, args)
+            if runs[kernels] is None:
+                return 1
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    results = {
+        "settings": vars(args) | {"out": str(args.out)},
+        "machine": machine() | {"lora_kernel_paths": kernel_paths(args.dtype)},
+        "runs": runs,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=2) + "\n")
+    print_table(results)
+    return 0
+
+
+def kernel_paths(dtype: str) -> dict[str, str]:
+    """The path loraplex's fused kernel takes for each LoRA projection of the base model
+    on this machine (same build and the same checks as in the engine)."""
+    from loraplex.serving.native_lora import kernel_path
+
+    config = json.loads((pull_embedded_model() / "config.json").read_text())
+    hidden, inner = config["hidden_size"], config["intermediate_size"]
+    heads, kv_heads = config["num_attention_heads"], config["num_key_value_heads"]
+    kv = hidden // heads * kv_heads
+    projections = {
+        "qkv_proj": (hidden, (hidden, kv, kv)),
+        "o_proj": (hidden, (hidden,)),
+        "gate_up_proj": (hidden, (inner, inner)),
+        "down_proj": (inner, (hidden,)),
+    }
+    torch_dtype = getattr(torch, dtype)
+    return {
+        name: kernel_path(torch_dtype, in_size, RANK, widths)
+        for name, (in_size, widths) in projections.items()
+    }
+
+
+def serve_and_measure(
+    env: dict[str, str], names: list[str], args: argparse.Namespace
+) -> dict | None:
+    """One `loraplex serve` with `env`, measured; None if it did not start."""
     port, backend_port = free_port(), free_port()
     command = serve_command(
         port,
@@ -164,19 +241,14 @@ def main() -> int:
     try:
         if not wait_ready(url, process):
             print("loraplex serve did not become ready", file=sys.stderr)
-            return 1
-        results = run_measurements(url, names, args)
+            return None
+        return run_measurements(url, names, args)
     finally:
         process.send_signal(signal.SIGINT)
         try:
             process.wait(timeout=60)
         except subprocess.TimeoutExpired:
             process.kill()
-        shutil.rmtree(work, ignore_errors=True)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=2) + "\n")
-    print_table(results)
-    return 0
 
 
 def run_measurements(url: str, names: list[str], args: argparse.Namespace) -> dict:
@@ -196,7 +268,6 @@ def run_measurements(url: str, names: list[str], args: argparse.Namespace) -> di
     rng.shuffle(uniform)
     ms = lambda values, q: round(1000 * percentile(values, q), 1)  # noqa: E731
     return {
-        "settings": vars(args) | {"out": str(args.out)},
         "cold_ms": {"p50": ms(cold, 0.5), "p95": ms(cold, 0.95)},
         "warm_ms": {"p50": ms(warm, 0.5), "p95": ms(warm, 0.95)},
         "cold_added_ms": {"p50": ms(added, 0.5), "p95": ms(added, 0.95)},
@@ -206,18 +277,25 @@ def run_measurements(url: str, names: list[str], args: argparse.Namespace) -> di
 
 
 def print_table(results: dict) -> None:
-    print("| first-request latency (1 token) | p50 ms | p95 ms |")
-    print("|---|---|---|")
-    for key in ("cold_ms", "warm_ms", "cold_added_ms"):
-        print(f"| {key[:-3]} | {results[key]['p50']} | {results[key]['p95']} |")
-    print("\n| workload | requests | distinct adapters | output tok/s |")
-    print("|---|---|---|---|")
-    for key, value in results.items():
-        if isinstance(value, dict) and "output_tok_s" in value:
-            print(
-                f"| {key} | {value['requests']} | {value['distinct_adapters']} "
-                f"| {value['output_tok_s']} |"
-            )
+    info = results["machine"]
+    print(f"{info['cpu_model']}, {info['cpu_count']} CPUs, {' '.join(info['isa_flags'])}")
+    print(f"fused kernel paths: {info['lora_kernel_paths']}\n")
+    workloads = [
+        key
+        for key, value in next(iter(results["runs"].values())).items()
+        if isinstance(value, dict) and "output_tok_s" in value
+    ]
+    print(
+        "| kernels | cold p50 / p95 ms | warm p50 / p95 ms | cold added p50 / p95 ms | "
+        + " | ".join(f"{key} tok/s" for key in workloads)
+        + " |"
+    )
+    print("|---|---|---|---|" + "---:|" * len(workloads))
+    for kernels, run in results["runs"].items():
+        latencies = [f"{run[key]['p50']} / {run[key]['p95']}" for key in ("cold_ms", "warm_ms")]
+        added = f"**{run['cold_added_ms']['p50']}** / {run['cold_added_ms']['p95']}"
+        tok_s = [str(run[key]["output_tok_s"]) for key in workloads]
+        print(f"| `{kernels}` | " + " | ".join([*latencies, added, *tok_s]) + " |")
 
 
 if __name__ == "__main__":

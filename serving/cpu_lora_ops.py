@@ -111,6 +111,26 @@ class LoRAGroups:
         )
 
 
+class SlotWrites:
+    """The LoRA slots vLLM wrote, each with the sequence number of its latest write.
+
+    Told by the model manager each time it loads an adapter into a slot (see
+    `punica_cpu.watch_slot_writes`), so a layer whose weights changed can copy only the
+    slots written since it last looked instead of every slot."""
+
+    def __init__(self) -> None:
+        self.seq = 0
+        self._latest: dict[int, int] = {}
+
+    def record(self, slot: int) -> None:
+        self.seq += 1
+        self._latest[slot] = self.seq
+
+    def since(self, seq: int) -> set[int]:
+        """Slots written after the write numbered `seq`."""
+        return {slot for slot, latest in self._latest.items() if latest > seq}
+
+
 @dataclass(frozen=True)
 class PreparedLoRAWeights:
     """One layer's active LoRA weights, laid out for the grouped GEMMs."""

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from loraplex.serving.cpu_lora_ops import rows_by_slot, weights_state
+from loraplex.serving.cpu_lora_ops import SlotWrites, rows_by_slot
 from loraplex.settings import default_cache_dir
 
 log = logging.getLogger(__name__)
@@ -77,6 +77,12 @@ class NativeKernel:
         self.chunk_vectors = int(library.lpx_chunk_vectors())
         # Built for a CPU with AVX512-BF16: bf16 layers use the paired layout.
         self.bf16_pairs = bool(library.lpx_bf16_pairs())
+        library.lpx_isa.restype = ctypes.c_char_p
+        self._layout_slot = library.lpx_layout_slot
+        self._layout_slot.restype = ctypes.c_int
+        self._layout_slot.argtypes = [ctypes.c_int, ctypes.c_int, *[i64] * 5, *[ptr] * 5]
+        self.isa = library.lpx_isa().decode()
+        """The widest vector ISA the build targets (avx512bf16, avx512f, avx2, neon)."""
 
     def __call__(
         self,
@@ -104,6 +110,41 @@ class NativeKernel:
         )
         if status != 0:
             raise RuntimeError("lpx_grouped_lora: unsupported dtype")
+
+    def layout_slot(
+        self,
+        weights: NativeLayerWeights,
+        lora_a: tuple[torch.Tensor, ...],
+        lora_b: tuple[torch.Tensor, ...],
+        slot: int,
+    ) -> None:
+        """Copy one slot's stacked weights into `weights`' layout, in C++: one call per
+        layer instead of a strided torch copy per slice and chunk (those were most of a
+        cold adapter load). See `NativeLayerWeights.native_layout` for what it needs."""
+        slices = len(lora_a)
+        a = (ctypes.c_void_p * slices)(*(_slot_pointer(t, slot) for t in lora_a))
+        b = (ctypes.c_void_p * slices)(*(_slot_pointer(t, slot) for t in lora_b))
+        widths = (ctypes.c_int64 * slices)(*(t.shape[2] for t in lora_b))
+        status = self._layout_slot(
+            weights.at.element_size(),
+            int(weights.paired),
+            lora_a[0].shape[-1],
+            weights.rank,
+            weights.srp,
+            weights.chunk,
+            slices,
+            a,
+            b,
+            widths,
+            _slot_pointer(weights.at, slot),
+            _slot_pointer(weights.bt, slot),
+        )
+        if status != 0:
+            raise RuntimeError("lpx_layout_slot: unsupported element size")
+
+
+def _slot_pointer(t: torch.Tensor, slot: int) -> int:
+    return t.data_ptr() + slot * t.stride(0) * t.element_size()
 
 
 def _compiler() -> str | None:
@@ -230,11 +271,17 @@ class NativeTiles:
         )
 
 
-@dataclass(frozen=True)
+@dataclass
 class NativeLayerWeights:
-    """One LoRA layer's weights for every slot, in the kernel's layout."""
+    """One LoRA layer's weights for every slot, in the kernel's layout.
+
+    The layout tensors are allocated once per layer and rewritten in place, one slot at a
+    time, when vLLM writes a slot (`refresh`); `versions` and `written_seq` say what
+    they were laid out from."""
 
     key: tuple
+    """What the layout depends on besides the weights' values: scale, dtype, pairing,
+    the stacked tensors' storage. A new key means a new layout."""
     code: int
     """The kernel's dtype code: DTYPE_CODES, or PAIRED_BF16_CODE."""
     scale: float
@@ -253,6 +300,13 @@ class NativeLayerWeights:
     chunk_vecs: torch.Tensor
     chunk_rank_col: torch.Tensor
     """Output column chunks (first column, vectors, first shrink column of the slice)."""
+    chunk: int
+    """Output columns per chunk (the kernel's chunk vectors x lanes)."""
+    paired: bool
+    versions: tuple = ()
+    """The stacked tensors' version counters when the layout was last written."""
+    written_seq: int = 0
+    """The slot-write sequence number (see `prepare_native_weights`) it was written at."""
 
     @functools.cached_property
     def args(self) -> tuple[int, ...]:
@@ -268,6 +322,65 @@ class NativeLayerWeights:
             self.chunk_rank_col.data_ptr(),
             self.chunk_col.numel(),
         )
+
+    def native_layout(
+        self, lora_a: tuple[torch.Tensor, ...], lora_b: tuple[torch.Tensor, ...]
+    ) -> bool:
+        """Whether the kernel's C++ copy can lay these out: contiguous stacked weights
+        already in the layout's dtype (vLLM's are) and one rank for A and B."""
+        return all(
+            t.is_contiguous() and t.dtype == self.at.dtype for t in (*lora_a, *lora_b)
+        ) and all(t.shape[-2] == self.rank for t in lora_a)
+
+    def lay_out(
+        self,
+        kernel: NativeKernel,
+        lora_a: tuple[torch.Tensor, ...],
+        lora_b: tuple[torch.Tensor, ...],
+        slots: list[int],
+    ) -> None:
+        """Copy the stacked weights of `slots` into the layout, in place."""
+        if self.native_layout(lora_a, lora_b):
+            for slot in slots:
+                kernel.layout_slot(self, lora_a, lora_b, slot)
+        elif len(slots) == self.at.shape[0]:
+            self.lay_out_torch(lora_a, lora_b, slice(None))
+        else:
+            for slot in slots:
+                self.lay_out_torch(lora_a, lora_b, slice(slot, slot + 1))
+
+    def lay_out_torch(
+        self, lora_a: tuple[torch.Tensor, ...], lora_b: tuple[torch.Tensor, ...], slots: slice
+    ) -> None:
+        """`lay_out` with torch ops (any dtype, any strides): one strided copy per slice
+        for A and at most two per slice for B, whatever the number of slots."""
+        r = lora_a[0].shape[-2]
+        for index, stacked in enumerate(lora_a):
+            a_t = stacked[slots, 0].transpose(1, 2)  # (k, in, r)
+            if self.paired:  # (k, in / 2, r, 2): consecutive input rows interleaved
+                target = self.at[slots, :, index * r : (index + 1) * r, :]
+                target.copy_(_pair_rows(a_t))
+            else:
+                self.at[slots, :, index * r : (index + 1) * r].copy_(a_t)
+        rank, chunk, offset = self.rank, self.chunk, 0
+        for stacked in lora_b:
+            b_t = stacked[slots, 0].transpose(1, 2)  # (k, rank, width)
+            k, width = b_t.shape[0], b_t.shape[2]
+            whole = width // chunk * chunk
+            # (k, rank, chunks, chunk) -> (k, chunks, rank, chunk): one block per chunk,
+            # then the last, narrower chunk (if any), at rank * its first column.
+            pieces = (
+                (b_t[:, :, :whole].reshape(k, rank, -1, chunk).transpose(1, 2), offset),
+                (b_t[:, :, whole:], offset + whole),
+            )
+            for piece, column in pieces:
+                if piece.numel() == 0:
+                    continue
+                if self.paired:
+                    piece = _pair_rows(piece)
+                target = self.bt[slots, rank * column : rank * column + piece[0].numel()]
+                target.view(piece.shape).copy_(piece)
+            offset += width
 
 
 def supports(
@@ -291,10 +404,35 @@ def use_bf16_pairs(
     return kernel.bf16_pairs and dtype == torch.bfloat16 and rank % 2 == 0 and in_size % 2 == 0
 
 
+def kernel_path(dtype: torch.dtype, in_size: int, rank: int, widths: tuple[int, ...]) -> str:
+    """Which path a LoRA layer of these shapes takes on this machine, for benchmark
+    records: the same build and the same checks as the wrapper's."""
+    kernel = load_kernel()
+    if kernel is None:
+        return "torch ops (no kernel build)"
+    x, y = (torch.empty(1, size, dtype=dtype, device="meta") for size in (in_size, sum(widths)))
+    lora_a = (torch.empty(1, 1, rank, in_size, device="meta"),)
+    lora_b = tuple(torch.empty(1, 1, width, rank, device="meta") for width in widths)
+    if not supports(x, y, lora_b, kernel.lanes):
+        return "torch ops (shape or dtype not covered)"
+    if use_bf16_pairs(kernel, dtype, lora_a):
+        return "fused, bf16 pairs (vdpbf16ps)"
+    return f"fused, {str(dtype).removeprefix('torch.')} with float32 FMA ({kernel.isa})"
+
+
 def _pair_rows(t: torch.Tensor) -> torch.Tensor:
     """(..., rows, cols) -> (..., rows / 2, cols, 2): consecutive rows interleaved."""
     *lead, rows, cols = t.shape
     return t.reshape(*lead, rows // 2, 2, cols).transpose(-1, -2)
+
+
+def weight_state(
+    lora_a: tuple[torch.Tensor, ...], lora_b: tuple[torch.Tensor, ...]
+) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """The stacked tensors' storage (a layout stays valid while it holds) and their
+    version counters, which every in-place write bumps."""
+    tensors = (*lora_a, *lora_b)
+    return tuple(t.data_ptr() for t in tensors), tuple(t._version for t in tensors)
 
 
 def prepare_native_weights(
@@ -306,47 +444,57 @@ def prepare_native_weights(
     cached: NativeLayerWeights | None = None,
     *,
     paired: bool = False,
+    written: SlotWrites | None = None,
 ) -> NativeLayerWeights:
     """The layer's kernel-layout weights, reusing `cached` while vLLM wrote no slot.
-    `paired` lays bf16 weights out for vdpbf16ps (see `use_bf16_pairs`)."""
-    key = (scale, dtype, paired, weights_state(lora_a, lora_b))
+    `paired` lays bf16 weights out for vdpbf16ps (see `use_bf16_pairs`).
+
+    When vLLM did write (the version counters moved) and `written` names the slots it
+    wrote since `cached` was laid out, only those slots are copied again; a write that
+    `written` does not account for re-lays out every slot."""
+    storage, versions = weight_state(lora_a, lora_b)
+    key = (scale, dtype, paired, storage)
     if cached is not None and cached.key == key:
+        if cached.versions == versions:
+            return cached
+        slots = written.since(cached.written_seq) if written is not None else set()
+        if slots:
+            log.debug("loraplex: re-laying out written slots %s of a LoRA layer", sorted(slots))
+        else:
+            log.debug("loraplex: a LoRA layer changed without a recorded slot write: every slot")
+        cached.lay_out(kernel, lora_a, lora_b, sorted(slots) or list(range(cached.at.shape[0])))
+        cached.versions = versions
+        cached.written_seq = written.seq if written is not None else 0
         return cached
     lanes = kernel.lanes
-    a = torch.cat([t.squeeze(1) for t in lora_a], dim=1).to(dtype)  # (slots, S*r, in)
-    padded = -(-a.shape[1] // lanes) * lanes
-    at = torch.zeros(a.shape[0], a.shape[2], padded, dtype=dtype)
-    at[:, :, : a.shape[1]] = a.transpose(1, 2)
-    if paired:
-        at = _pair_rows(at).contiguous()
+    slots_count, rank_a, in_size = lora_a[0].shape[0], lora_a[0].shape[-2], lora_a[0].shape[-1]
+    padded = -(-len(lora_a) * rank_a // lanes) * lanes
+    shape = (slots_count, in_size // 2, padded, 2) if paired else (slots_count, in_size, padded)
     rank, chunk = lora_b[0].shape[-1], kernel.chunk_vectors * lanes
-    cols, vecs, rank_cols, blocks, offset = [], [], [], [], 0
+    cols, vecs, rank_cols, offset = [], [], [], 0
     for index, stacked in enumerate(lora_b):
-        b_t = stacked.squeeze(1).transpose(1, 2).to(dtype)  # (slots, rank, width)
-        width = b_t.shape[2]
-        whole = width // chunk * chunk
-        # (slots, rank, chunks, chunk) -> (slots, chunks, rank, chunk): one block per chunk,
-        # then the last, narrower chunk (if any).
-        pieces = (
-            b_t[:, :, :whole].reshape(b_t.shape[0], rank, -1, chunk).transpose(1, 2),
-            b_t[:, :, whole:],
-        )
-        blocks += [(_pair_rows(piece) if paired else piece).flatten(1) for piece in pieces]
+        width = stacked.shape[2]
         for start in range(0, width, chunk):
             cols.append(offset + start)
             vecs.append(min(chunk, width - start) // lanes)
             rank_cols.append(index * rank)
         offset += width
-    return NativeLayerWeights(
+    weights = NativeLayerWeights(
         key=key,
         code=PAIRED_BF16_CODE if paired else DTYPE_CODES[dtype],
         scale=scale,
-        at=at,
+        at=torch.zeros(shape, dtype=dtype),  # the rank padding stays zero
         srp=padded,
-        bt=torch.cat(blocks, dim=1),
+        bt=torch.empty(slots_count, rank * offset, dtype=dtype),
         rank=rank,
         width=offset,
         chunk_col=_int32(cols),
         chunk_vecs=_int32(vecs),
         chunk_rank_col=_int32(rank_cols),
+        chunk=chunk,
+        paired=paired,
+        versions=versions,
+        written_seq=written.seq if written is not None else 0,
     )
+    weights.lay_out(kernel, lora_a, lora_b, list(range(slots_count)))
+    return weights

@@ -11,18 +11,27 @@ per token), even though adapters that vLLM serves almost never target `lm_head`.
 Those weights are all zero then, so the wrapper skips the logits LoRA while they
 stay zero; that path alone took about a quarter of each decode step here. The token
 embedding's LoRA is skipped the same way.
+
+When vLLM loads an adapter into a slot, its model manager tells the wrapper which slot
+(`watch_slot_writes`), and the next step re-lays out and re-checks only that slot's
+weights in each layer: a cold adapter load then costs one slot's copy per layer, not
+every slot's.
 """
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Iterable
 from typing import Any
 
 import torch
+from vllm.lora.model_manager import LoRAModelManager
 from vllm.lora.punica_wrapper.punica_cpu import PunicaWrapperCPU
 
 from loraplex.serving.cpu_lora_ops import (
     LoRAGroups,
     PreparedLoRAWeights,
+    SlotWrites,
     add_grouped_lora,
     prepare_weights,
 )
@@ -36,16 +45,45 @@ from loraplex.serving.native_lora import (
 )
 
 
+@functools.cache
+def watch_slot_writes() -> None:
+    """Make vLLM's LoRA model manager record in its punica wrappers' `slot_writes` each
+    slot it loads an adapter into.
+
+    `activate_adapter` is where vLLM writes a slot: it zeroes or fills that slot of every
+    LoRA layer (`reset_lora` / `set_lora`) and nothing else writes the stacked weights
+    after they are created. The wrappers still check the tensors' version counters, so
+    a write made some other way re-lays out every slot rather than serving stale
+    weights."""
+    activate = LoRAModelManager.activate_adapter
+
+    @functools.wraps(activate)
+    def activate_adapter(self: LoRAModelManager, lora_id: int) -> bool:
+        activated = activate(self, lora_id)
+        if activated:
+            slot = self.lora_index_to_id.index(lora_id)
+            for wrapper in self.punica_wrapper_mapping.values():
+                writes = getattr(wrapper, "slot_writes", None)
+                if isinstance(writes, SlotWrites):
+                    writes.record(slot)
+        return activated
+
+    LoRAModelManager.activate_adapter = activate_adapter  # type: ignore[method-assign]
+
+
 class GroupedPunicaWrapperCPU(PunicaWrapperCPU):
     """PunicaWrapperCPU whose linear-layer ops run one GEMM pair per active adapter."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        watch_slot_writes()
+        self.slot_writes = SlotWrites()
         self._groups: LoRAGroups | None = None
         # One entry per LoRA layer (keyed by its first stacked tensor).
         self._prepared: dict[int, PreparedLoRAWeights] = {}
-        # data_ptr of a LoRA B tensor -> (its version, whether any weight is non-zero).
-        self._nonzero: dict[int, tuple[int, bool]] = {}
+        # data_ptr of a LoRA B tensor -> (its version, the slot-write number it was
+        # checked at, whether each slot holds a non-zero weight).
+        self._nonzero: dict[int, tuple[int, int, list[bool]]] = {}
 
     def update_metadata(self, *args: Any, **kwargs: Any) -> None:
         super().update_metadata(*args, **kwargs)
@@ -112,17 +150,27 @@ class GroupedPunicaWrapperCPU(PunicaWrapperCPU):
         return super().add_lora_embedding(y, x, lora_b_stacked, add_inputs, **kwargs)
 
     def _any_nonzero(self, lora_b_stacked: torch.Tensor) -> bool:
-        """Whether any slot holds a non-zero weight, re-checked only after a write.
+        """Whether any slot holds a non-zero weight, re-checked only after a write, and
+        then only in the slots written since (all of them for a write not recorded).
 
         vLLM fills and clears slots in place, which bumps the tensor's version counter,
-        so the (pointer, version) pair changes exactly when the answer can change.
-        """
+        so the (pointer, version) pair changes exactly when the answer can change. The
+        LM head's B weights are 8 x 49,152 x 16 values: checking every slot on each
+        adapter load took tens of ms of a cold load here."""
         pointer, version = lora_b_stacked.data_ptr(), lora_b_stacked._version
         cached = self._nonzero.get(pointer)
-        if cached is None or cached[0] != version:
-            cached = (version, bool(lora_b_stacked.any()))
-            self._nonzero[pointer] = cached
-        return cached[1]
+        if cached is not None and cached[0] == version:
+            return any(cached[2])
+        writes = self.slot_writes
+        slots: Iterable[int] = writes.since(cached[1]) if cached is not None else ()
+        if cached is not None and slots:
+            nonzero = list(cached[2])
+        else:  # first look, or a write that was not recorded: every slot
+            nonzero, slots = [False] * lora_b_stacked.shape[0], range(lora_b_stacked.shape[0])
+        for slot in slots:
+            nonzero[slot] = bool(lora_b_stacked[slot].any())
+        self._nonzero[pointer] = (version, writes.seq, nonzero)
+        return any(nonzero)
 
 
 class FusedPunicaWrapperCPU(GroupedPunicaWrapperCPU):
@@ -163,17 +211,7 @@ class FusedPunicaWrapperCPU(GroupedPunicaWrapperCPU):
                 return None  # no token in this step uses a LoRA
             x2, y2 = x.view(-1, x.shape[-1]), y.view(-1, y.shape[-1])
             if tiles.num_tokens == x2.size(0) and supports(x2, y2, lora_b_stacked, kernel.lanes):
-                layer = id(lora_a_stacked[0])
-                weights = prepare_native_weights(
-                    kernel,
-                    lora_a_stacked,
-                    lora_b_stacked,
-                    scale,
-                    y.dtype,
-                    self._native.get(layer),
-                    paired=use_bf16_pairs(kernel, y.dtype, lora_a_stacked),
-                )
-                self._native[layer] = weights
+                weights = self.native_weights(lora_a_stacked, lora_b_stacked, scale, y.dtype)
                 rows = (tiles.rows.numel() + kernel.tile_rows) * weights.srp
                 if self._shrunk.numel() < rows:
                     self._shrunk = torch.zeros(rows)
@@ -184,3 +222,27 @@ class FusedPunicaWrapperCPU(GroupedPunicaWrapperCPU):
         return super().add_lora_linear(
             y, x, lora_a_stacked, lora_b_stacked, scale, output_slices, buffer=buffer, **kwargs
         )
+
+    def native_weights(
+        self,
+        lora_a_stacked: tuple[torch.Tensor, ...],
+        lora_b_stacked: tuple[torch.Tensor, ...],
+        scale: float,
+        dtype: torch.dtype,
+    ) -> NativeLayerWeights:
+        """The layer's weights in the kernel's layout, kept per layer and refreshed in
+        place for the slots vLLM wrote since (every slot after a write not recorded)."""
+        assert self._kernel is not None
+        layer = id(lora_a_stacked[0])
+        weights = prepare_native_weights(
+            self._kernel,
+            lora_a_stacked,
+            lora_b_stacked,
+            scale,
+            dtype,
+            self._native.get(layer),
+            paired=use_bf16_pairs(self._kernel, dtype, lora_a_stacked),
+            written=self.slot_writes,
+        )
+        self._native[layer] = weights
+        return weights

@@ -7,7 +7,7 @@
 // weight is read once per group of rows, intermediate results stay in registers or
 // a small float buffer, and no zero padding is multiplied.
 //
-// Layouts (prepared once per layer in Python, reused until vLLM writes a slot):
+// Layouts (written per slot by lpx_layout_slot when vLLM writes that slot, then reused):
 //   at    (slots, in_dim, srp)  every slice's A^T side by side along the rank,
 //                               zero-padded to srp (multiple of 16)
 //   chunks: output column ranges of at most 2 vectors, never crossing a slice:
@@ -281,6 +281,37 @@ void run(const Problem& p) {
 
 }  // namespace
 
+// One slot's weights into the layouts above, copying bits (the stacked weights are
+// already in the layout's dtype). a[s]: slice s's A, (rank, in_dim) row-major; b[s]: its
+// B, (widths[s], rank) row-major, as vLLM stacks them. Paired: the interleaved variant.
+template <class T>
+void layout_slot(bool paired, int64_t in_dim, int64_t rank, int64_t srp, int64_t chunk,
+                 int64_t n_slices, const void* const* a, const void* const* b,
+                 const int64_t* widths, void* at, void* bt) {
+  T* at_out = static_cast<T*>(at);
+  for (int64_t s = 0; s < n_slices; ++s) {
+    const T* as = static_cast<const T*>(a[s]);
+    for (int64_t j = 0; j < rank; ++j) {
+      const int64_t col = s * rank + j;
+      for (int64_t i = 0; i < in_dim; ++i)
+        at_out[paired ? ((i >> 1) * srp + col) * 2 + (i & 1) : i * srp + col] =
+            as[j * in_dim + i];
+    }
+  }
+  T* bt_out = static_cast<T*>(bt);
+  for (int64_t s = 0, offset = 0; s < n_slices; offset += widths[s], ++s) {
+    const T* bs = static_cast<const T*>(b[s]);
+    for (int64_t first = 0; first < widths[s]; first += chunk) {
+      const int64_t cw = widths[s] - first < chunk ? widths[s] - first : chunk;
+      T* block = bt_out + rank * (offset + first);  // (rank, cw) or (rank / 2, cw, 2)
+      for (int64_t c = 0; c < cw; ++c)
+        for (int64_t j = 0; j < rank; ++j)
+          block[paired ? ((j >> 1) * cw + c) * 2 + (j & 1) : j * cw + c] =
+              bs[(first + c) * rank + j];
+    }
+  }
+}
+
 extern "C" {
 
 // dtype: 0 = float32, 1 = bfloat16, 2 = bfloat16 in the paired layout (only when
@@ -312,8 +343,37 @@ int lpx_bf16_pairs() { return 1; }
 int lpx_bf16_pairs() { return 0; }
 #endif
 
+// elem_bytes: 4 (float32) or 2 (bfloat16); returns 0, or -1 for another size.
+int lpx_layout_slot(int elem_bytes, int paired, int64_t in_dim, int64_t rank, int64_t srp,
+                    int64_t chunk, int64_t n_slices, const void* const* a, const void* const* b,
+                    const int64_t* widths, void* at, void* bt) {
+  if (elem_bytes == 4)
+    layout_slot<uint32_t>(paired, in_dim, rank, srp, chunk, n_slices, a, b, widths, at, bt);
+  else if (elem_bytes == 2)
+    layout_slot<uint16_t>(paired, in_dim, rank, srp, chunk, n_slices, a, b, widths, at, bt);
+  else
+    return -1;
+  return 0;
+}
+
 int lpx_tile_rows() { return TILE; }
 int lpx_lanes() { return LANES; }
 int lpx_chunk_vectors() { return CHUNK_VECS; }
+
+// The widest vector ISA this build targets, for benchmark records: the 16-lane vectors
+// above lower to one register on AVX-512, two on AVX2.
+const char* lpx_isa() {
+#if defined(__AVX512BF16__)
+  return "avx512bf16";
+#elif defined(__AVX512F__)
+  return "avx512f";
+#elif defined(__AVX2__)
+  return "avx2";
+#elif defined(__ARM_NEON)
+  return "neon";
+#else
+  return "generic";
+#endif
+}
 
 }  // extern "C"

@@ -202,6 +202,26 @@ def test_lm_head_lora_loaded_into_a_slot_later_is_applied() -> None:
     assert not torch.equal(got, logits)
 
 
+def test_lm_head_lora_follows_recorded_slot_writes() -> None:
+    """Writes recorded as vLLM's model manager records them (only that slot is checked
+    again): LM-head weights loaded into slot 2 turn the logits LoRA on; slot 2 reloaded
+    with an adapter that has none turns it off again."""
+    ref, new, lora_a, lora_b, x, logits = _logits_case(None)
+    new.add_lora_logits(logits.clone(), x, lora_a, lora_b, 1.0)  # caches "all zero"
+    lora_b[2].fill_(0.5)
+    new.slot_writes.record(2)
+    expected, got = logits.clone(), logits.clone()
+    ref.add_lora_logits(expected, x, lora_a, lora_b, 1.0)
+    new.add_lora_logits(got, x, lora_a, lora_b, 1.0)
+    torch.testing.assert_close(got, expected)
+    assert not torch.equal(got, logits)
+    lora_b[2].zero_()
+    new.slot_writes.record(2)
+    got = logits.clone()
+    new.add_lora_logits(got, x, lora_a, lora_b, 1.0)
+    assert torch.equal(got, logits)
+
+
 @pytest.mark.parametrize("nonzero_slot", [None, 3])
 def test_embedding_lora_matches_vllm_and_is_skipped_only_while_all_zero(nonzero_slot) -> None:
     slots = [i % MAX_LORAS for i in range(12)]

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import logging
+from types import SimpleNamespace
 
 import pytest
 import torch
 from vllm.lora.layers.utils import LoRAMapping
+from vllm.lora.model_manager import LoRAModelManager
 
 from loraplex.serving import native_lora
+from loraplex.serving.cpu_lora_ops import SlotWrites
 from loraplex.serving.native_lora import (
     NativeTiles,
     load_kernel,
@@ -167,3 +170,82 @@ def test_paired_bfloat16_path(kernel, group_sizes, rank) -> None:
     bound = exact.abs() * 2.0**-8 + magnitude * 2.0**-8 + 1e-4
     assert bool((error <= bound).all()), float((error - bound).max())
     assert torch.equal(got[0], y[0]), "the row without a LoRA changed"
+
+
+def _fresh(kernel, lora_a, lora_b, paired):
+    return prepare_native_weights(kernel, lora_a, lora_b, 0.75, lora_a[0].dtype, paired=paired)
+
+
+@pytest.mark.parametrize(
+    ("dtype", "paired"), [(torch.float32, False), (torch.bfloat16, False), (torch.bfloat16, True)]
+)
+def test_a_recorded_slot_write_re_lays_out_only_that_slot(kernel, dtype, paired) -> None:
+    """An adapter loaded into slot 2 copies slot 2 of the layout, in place, and leaves the
+    other slots alone; a write nobody recorded re-lays out every slot. Widths 80 and 48
+    leave a chunk narrower than the kernel's. The paired layout is plain copying, so it
+    is checked on every CPU (the kernel that reads it needs AVX512-BF16)."""
+    lora_a, lora_b, _, _ = _case([0, 1, 2, 3], 96, (80, 48), 16, dtype)
+    writes = SlotWrites()
+    weights = prepare_native_weights(
+        kernel, lora_a, lora_b, 0.75, dtype, paired=paired, written=writes
+    )
+    for stacked in (*lora_a, *lora_b):  # what vLLM's set_lora does
+        stacked[2] = torch.randn(stacked.shape[1:]).to(dtype)
+    weights.at[3].fill_(7)  # slot 3 was not written: must stay as it is
+    writes.record(2)
+    again = prepare_native_weights(
+        kernel, lora_a, lora_b, 0.75, dtype, weights, paired=paired, written=writes
+    )
+    expected = _fresh(kernel, lora_a, lora_b, paired)
+    assert again is weights
+    assert torch.equal(again.at[2], expected.at[2]) and torch.equal(again.bt, expected.bt)
+    assert bool((again.at[3] == 7).all())
+    lora_b[0][1].zero_()  # written without telling: every slot again
+    again = prepare_native_weights(
+        kernel, lora_a, lora_b, 0.75, dtype, weights, paired=paired, written=writes
+    )
+    expected = _fresh(kernel, lora_a, lora_b, paired)
+    assert torch.equal(again.at, expected.at) and torch.equal(again.bt, expected.bt)
+
+
+@pytest.mark.parametrize(
+    ("dtype", "paired"), [(torch.float32, False), (torch.bfloat16, False), (torch.bfloat16, True)]
+)
+def test_the_c_layout_copy_equals_the_torch_layout(kernel, dtype, paired) -> None:
+    """The C++ slot copy and the torch ops (used for weights in another dtype or
+    strided) write the same layout: ranks 8 and 16, three slices, a narrow last chunk."""
+    for rank in (8, 16):
+        lora_a, lora_b, _, _ = _case([0, 1, 2], 64, (80, 32, 48), rank, dtype, seed=rank)
+        weights = _fresh(kernel, lora_a, lora_b, paired)
+        assert weights.native_layout(lora_a, lora_b)
+        by_torch = _fresh(kernel, lora_a, lora_b, paired)
+        by_torch.at.zero_()
+        by_torch.lay_out_torch(lora_a, lora_b, slice(None))
+        assert torch.equal(weights.at, by_torch.at) and torch.equal(weights.bt, by_torch.bt)
+
+
+def test_weights_in_another_dtype_are_laid_out_by_torch(kernel) -> None:
+    """float32 stacked weights served in bfloat16 (a LoRA dtype unlike the model's)."""
+    lora_a, lora_b, _, _ = _case([0, 1], 96, (64,), 16, torch.float32)
+    weights = prepare_native_weights(kernel, lora_a, lora_b, 0.75, torch.bfloat16)
+    assert not weights.native_layout(lora_a, lora_b)
+    as_bf16 = tuple(t.bfloat16() for t in lora_a), tuple(t.bfloat16() for t in lora_b)
+    expected = prepare_native_weights(kernel, *as_bf16, 0.75, torch.bfloat16)
+    assert torch.equal(weights.at, expected.at) and torch.equal(weights.bt, expected.bt)
+
+
+def test_vllm_records_the_slot_it_loads_an_adapter_into() -> None:
+    """vLLM's own LoRAModelManager.activate_adapter (no layers here: it writes none)
+    tells loraplex's wrapper which slot it filled, and nothing when already active."""
+    wrapper = FusedPunicaWrapperCPU(4096, 256, "cpu")
+    manager = object.__new__(LoRAModelManager)  # only what activate_adapter reads
+    manager._active_adapters = {}
+    manager._registered_adapters = {7: SimpleNamespace(id=7)}
+    manager.lora_index_to_id = [3, None, None]
+    manager.modules = {}
+    manager.punica_wrapper_mapping = {"language_model": wrapper}
+    assert manager.activate_adapter(7)
+    assert manager.lora_index_to_id == [3, 7, None]
+    assert wrapper.slot_writes.since(0) == {1}
+    assert not manager.activate_adapter(7)
+    assert wrapper.slot_writes.seq == 1
