@@ -43,7 +43,8 @@ every chunk too (`continuous_usage_stats`)."""
 # vLLM serializes chunks compactly (pydantic), `usage` after `choices`; its values are
 # numbers and objects of numbers, nested one level (`*_tokens_details`). A quote cannot
 # follow a comma unescaped inside a JSON string, so this never matches string content.
-_USAGE_FIELD = re.compile(rb',"usage":\{(?:[^{}]|\{[^{}]*\})*\}')
+# The loop is unrolled: ~4x faster than `(?:[^{}]|\{[^{}]*\})*` on a vLLM chunk (measured).
+_USAGE_FIELD = re.compile(rb',"usage":\{[^{}]*(?:\{[^{}]*\}[^{}]*)*\}')
 _USAGE_KEY = b',"usage":{'
 
 
