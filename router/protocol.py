@@ -11,10 +11,10 @@ reads one typed request and none can read a field differently.
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError
-from typing_extensions import Required, TypedDict
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, ValidationError
+from typing_extensions import TypedDict
 
 from loraplex.router.errors import APIError
 
@@ -22,6 +22,18 @@ MAX_MODEL_NAME_CHARS = 256
 """Longer `model` strings are a 400 before any lookup; logs never carry more than this."""
 MAX_JSON_DEPTH = 64
 """Deepest nesting of arrays/objects a request body may have (OpenAI's bodies need < 10)."""
+
+
+def _integral(value: Any) -> Any:
+    """JSON has one number type: `16.0` is the integer 16 (JSON Schema says so, and vLLM
+    takes it). `16.5`, `"16"` and `true` stay errors (strict validation after this)."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+Integer = Annotated[int, BeforeValidator(_integral)]
+"""An integer field: strict, but an integral JSON number such as `16.0` counts."""
 
 
 class StreamOptions(BaseModel):
@@ -44,25 +56,25 @@ class _RoutedRequest(BaseModel):
     stream: bool | None = False
     """Answer as server-sent events (`text/event-stream`), ending with `data: [DONE]`."""
     stream_options: StreamOptions | None = None
-    n: int | None = Field(None, ge=1)
+    n: Integer | None = Field(None, ge=1)
     """How many choices to generate (each counts against the token quota)."""
-    max_tokens: int | None = Field(None, ge=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
+    max_tokens: Integer | None = Field(None, ge=1)
+    max_completion_tokens: Integer | None = Field(None, ge=1)
     temperature: float | None = None
     top_p: float | None = None
     frequency_penalty: float | None = None
     presence_penalty: float | None = None
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: Integer | None = None
     logit_bias: dict[str, float] | None = None
     user: str | None = None
     # vLLM's sampling parameters beyond OpenAI's.
-    top_k: int | None = None
+    top_k: Integer | None = None
     min_p: float | None = None
     repetition_penalty: float | None = None
-    min_tokens: int | None = None
+    min_tokens: Integer | None = None
     ignore_eos: bool | None = None
-    stop_token_ids: list[int] | None = None
+    stop_token_ids: list[Integer] | None = None
     skip_special_tokens: bool | None = None
 
     def worst_case_tokens(self) -> int | None:
@@ -79,8 +91,9 @@ class ChatMessage(TypedDict, total=False):
 
     __pydantic_config__ = ConfigDict(extra="allow", strict=True)  # type: ignore[misc]
 
-    role: Required[str]
-    """`system`, `user`, `assistant`, `tool` (or `developer`)."""
+    role: str
+    """`system`, `user`, `assistant`, `tool` (or `developer`). Not required: vLLM also
+    takes harmony messages (gpt-oss), which name an `author` instead."""
     content: str | list[dict[str, Any]] | None
     """Text, or a list of content parts (`{"type": "text", "text": ...}`)."""
     name: str
@@ -91,7 +104,7 @@ class ChatCompletionRequest(_RoutedRequest):
 
     messages: list[ChatMessage] = Field(min_length=1)
     logprobs: bool | None = None
-    top_logprobs: int | None = None
+    top_logprobs: Integer | None = None
     response_format: dict[str, Any] | None = None
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
@@ -101,10 +114,10 @@ class ChatCompletionRequest(_RoutedRequest):
 class CompletionRequest(_RoutedRequest):
     """OpenAI's (legacy) completion request (the fields vLLM accepts; others pass through)."""
 
-    prompt: str | list[str] | list[int] | list[list[int]]
+    prompt: str | list[str] | list[Integer] | list[list[Integer]]
     """Text, texts, token ids, or lists of token ids."""
     echo: bool | None = None
-    logprobs: int | None = None
+    logprobs: Integer | None = None
     suffix: str | None = None
 
 

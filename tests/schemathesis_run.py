@@ -34,6 +34,8 @@ class FuzzResult:
     returncode: int
     output: str
     statuses: Counter[int]
+    errors: Counter[str]
+    """`status: message` of the error answers, to read why requests were refused."""
     seconds: float
 
     @property
@@ -51,6 +53,9 @@ class FuzzResult:
             f"statuses {statuses}"
         )
 
+    def common_errors(self, top: int = 10) -> str:
+        return "\n".join(f"{n:5} × {error}" for error, n in self.errors.most_common(top))
+
 
 def run_schemathesis(
     schema: dict,
@@ -61,6 +66,7 @@ def run_schemathesis(
     headers: dict[str, str] | None = None,
     max_examples: int = 10,
     phases: str = "examples,coverage,fuzzing,stateful",
+    mode: str = "all",
     max_time_s: int = 120,
 ) -> FuzzResult:
     """`st run` with `schema` against `base_url`; a fixed seed, so a failure reproduces."""
@@ -77,6 +83,8 @@ def run_schemathesis(
         ",".join(checks),
         "--phases",
         phases,
+        "--mode",
+        mode,
         "--max-examples",
         str(max_examples),
         "--max-time",
@@ -102,4 +110,18 @@ def run_schemathesis(
     seconds = time.monotonic() - started
     entries = json.loads(har.read_text())["log"]["entries"] if har.exists() else []
     statuses = Counter(entry["response"]["status"] for entry in entries)
-    return FuzzResult(done.returncode, done.stdout + done.stderr, statuses, seconds)
+    errors = Counter(
+        f"{entry['response']['status']}: {_message(entry['response'])}"
+        for entry in entries
+        if entry["response"]["status"] >= 400
+    )
+    return FuzzResult(done.returncode, done.stdout + done.stderr, statuses, errors, seconds)
+
+
+def _message(response: dict) -> str:
+    text = response.get("content", {}).get("text", "")
+    try:
+        error = json.loads(text)["error"]
+        return f"{error.get('param')}: {str(error.get('message'))[:120]}"
+    except (ValueError, KeyError, TypeError):
+        return text[:120]

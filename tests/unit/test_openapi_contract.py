@@ -123,7 +123,8 @@ def test_a_parameter_of_the_wrong_type_is_a_400_naming_it(client: TestClient) ->
         ({"temperature": "0.5"}, "temperature"),
         ({"stop": 5}, "stop"),
         ({"messages": [{"role": "user", "content": 5}]}, "messages.0.content"),
-        ({"messages": [{"content": "hi"}]}, "messages.0.role"),
+        ({"messages": [{"role": 5, "content": "hi"}]}, "messages.0.role"),
+        ({"max_tokens": 16.5}, "max_tokens"),
         ({"max_tokens": "16"}, "max_tokens"),
     ],
 )
@@ -140,6 +141,8 @@ def test_a_body_field_of_the_wrong_type_is_a_400_naming_it(
 
 
 def test_unknown_fields_pass_through_to_the_engine(client: TestClient) -> None:
-    body = {"model": "base", "prompt": "hi", "temperature": 1, "guided_choice": ["a", "b"]}
+    # 16.0 is an integer in JSON (and to vLLM); an integer is a valid float.
+    body = {"model": "base", "prompt": "hi", "temperature": 1, "max_tokens": 16.0}
+    body["guided_choice"] = ["a", "b"]
     response = client.post("/v1/completions", json=body, headers=ADMIN)
     assert response.status_code == 200, response.text
