@@ -64,9 +64,11 @@ class StubEngine:
         return app
 
     async def _until_gone(self, request: Request, what: str) -> None:
-        while not await request.is_disconnected():
-            await asyncio.sleep(0.01)
-        self.hung_up.append(what)
+        try:
+            while not await request.is_disconnected():
+                await asyncio.sleep(0.01)
+        finally:  # in a stream, Starlette may cancel this on the disconnect first
+            self.hung_up.append(what)
 
     async def _events(self, request: Request, body: dict) -> AsyncIterator[bytes]:
         continuous = (body.get("stream_options") or {}).get("continuous_usage_stats")
