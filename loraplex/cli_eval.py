@@ -192,7 +192,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
             )
         widths = [max(len(row[c]) for row in rows) for c in range(3)]
         for row in rows:
-            print("  ".join(f"{cell:<{widths[c]}}" for c, cell in enumerate(row[:3])), row[3])
+            cells = [f"{cell:<{widths[c]}}" for c, cell in enumerate(row[:3])] + [row[3]]
+            print("  ".join(cells).rstrip())
         for line in differing_examples(examples, results, args.examples):
             print(line)
 
