@@ -94,8 +94,9 @@ class ChatMessage(TypedDict, total=False):
     role: str
     """`system`, `user`, `assistant`, `tool` (or `developer`). Not required: vLLM also
     takes harmony messages (gpt-oss), which name an `author` instead."""
-    content: str | list[dict[str, Any]] | None
-    """Text, or a list of content parts (`{"type": "text", "text": ...}`)."""
+    content: str | list[dict[str, Any] | str] | None
+    """Text, or a list of content parts (`{"type": "text", "text": ...}`; vLLM also takes
+    a plain string as a part)."""
     name: str
 
 
