@@ -21,9 +21,10 @@ TOKENS = 24
 
 
 def main() -> None:
-    # loraplex's INFO lines (which CPU LoRA kernel loaded) on stderr, for the test to check.
+    # loraplex's own lines (which CPU LoRA kernel loaded, which slots were re-laid out)
+    # on stderr, for the test to check.
     logging.basicConfig(stream=sys.stderr, level=logging.WARNING)
-    logging.getLogger("loraplex").setLevel(logging.INFO)
+    logging.getLogger("loraplex").setLevel(logging.DEBUG)
     from vllm import LLM, SamplingParams
     from vllm.lora.request import LoRARequest
 

@@ -19,7 +19,9 @@ pytestmark = pytest.mark.integration
 SCRIPT = Path(__file__).with_name("engine_greedy_outputs.py")
 
 
-def engine_outputs(kernels: str, max_loras: int, adapters: list[Path], out: Path) -> dict:
+def engine_outputs(
+    kernels: str, max_loras: int, adapters: list[Path], out: Path, log: list[str] | None = None
+) -> dict:
     env = dict(
         os.environ,
         LORAPLEX_CPU_LORA_KERNELS=kernels,
@@ -32,6 +34,8 @@ def engine_outputs(kernels: str, max_loras: int, adapters: list[Path], out: Path
     assert done.returncode == 0, done.stderr[-4000:]
     # The fused kernel really ran: no silent fallback to the torch ops.
     assert ("fused CPU LoRA kernel loaded" in done.stderr) == (kernels == "loraplex")
+    if log is not None:
+        log.append(done.stderr)
     return json.loads(out.read_text())
 
 
@@ -61,10 +65,19 @@ def test_loraplex_kernels_equal_vllm_kernels_token_for_token(
     assert len({frozenset(v) for v in by_adapter.values()}) == len(by_adapter)
 
 
-def test_base_requests_unaffected_when_every_slot_is_full(adapters, tmp_path) -> None:
-    """max_loras = number of adapters: no empty slot. Base requests in the same batch must
-    still answer as the base model alone does (vLLM 0.32's CPU ops apply the last slot's
-    LoRA to them; loraplex's grouped ops skip them)."""
-    ours = engine_outputs("loraplex", len(adapters), adapters, tmp_path / "full.json")
+def test_every_slot_full_and_rewritten(adapters, tmp_path) -> None:
+    """max_loras 1 with two adapters: the one slot is always full and vLLM rewrites it
+    when it switches adapter. Base requests in the same batch must still answer as the
+    base model alone does (vLLM 0.32's CPU ops apply the last slot's LoRA to them;
+    loraplex's ops skip them); the rewrite re-lays out only that slot, and the second
+    adapter answers with its own weights, not the first one's."""
+    log: list[str] = []
+    ours = engine_outputs("loraplex", 1, adapters, tmp_path / "full.json", log)
     base_in_batch = [row["tokens"] for row in ours["mixed"] if row["adapter"] is None]
     assert base_in_batch == ours["base_alone"]
+    answers: dict[str | None, list] = {}
+    for row in ours["mixed"]:
+        answers.setdefault(row["adapter"], []).append(row["tokens"])
+    assert len({tuple(map(tuple, rows)) for rows in answers.values()}) == len(adapters) + 1
+    assert "re-laying out written slots [0]" in log[0]
+    assert "without a recorded slot write" not in log[0]
