@@ -156,7 +156,10 @@ def anchors(page: Path) -> set[str]:
         match = _HEADING.match(line)
         if not match:
             continue
-        text = re.sub(r"[`*_]|\[([^\]]*)\]\([^)]*\)", r"\1", match.group(2)).strip().lower()
+        # Emphasis marks go, but an underscore inside a code span stays (as on GitHub).
+        parts = match.group(2).split("`")
+        heading = "".join(p if i % 2 else p.replace("_", "") for i, p in enumerate(parts))
+        text = re.sub(r"[*]|\[([^\]]*)\]\([^)]*\)", r"\1", heading).strip().lower()
         slug = re.sub(r"[^\w\- ]", "", text).replace(" ", "-")
         count = seen.get(slug, 0)
         seen[slug] = count + 1
