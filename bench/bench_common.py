@@ -3,6 +3,7 @@ module is importable as `bench_common`)."""
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import socket
@@ -60,3 +61,10 @@ def machine() -> dict:
         "isa_flags": sorted(flag for flag in flags if flag.startswith(_ISA_PREFIXES)),
         "python": platform.python_version(),
     }
+
+
+def write_report(report: dict, out: Path) -> None:
+    """The benchmark's JSON, next to the others in bench/results/."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2))
+    print(f"wrote {out}")

@@ -15,7 +15,6 @@ PYTHONPATH). Usage: python bench/billing_overhead.py [--samples 500] [--chunks 1
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import signal
 import subprocess
@@ -25,7 +24,7 @@ import time
 from pathlib import Path
 
 import httpx
-from bench_common import free_port, percentile, serve_command, wait_ready
+from bench_common import free_port, percentile, serve_command, wait_ready, write_report
 
 from loraplex.database import shared_engine
 from loraplex.router.tenancy.store import TenancyStore
@@ -130,9 +129,7 @@ def main() -> int:
         for process in processes:
             process.send_signal(signal.SIGTERM)
             process.wait(timeout=30)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2))
-    print(f"wrote {args.out}")
+    write_report(report, args.out)
     return 0
 
 

@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 
 import httpx
-from bench_common import free_port, percentile, serve_command, wait_ready
+from bench_common import free_port, percentile, serve_command, wait_ready, write_report
 
 from loraplex.base_model import pull_embedded_model
 from loraplex.training.demo_adapters import DEMO_ADAPTERS, ensure_demo_adapters
@@ -232,9 +232,7 @@ def main() -> int:
         f"p50 {report['added_latency_ms_p50']:.2f} ms, "
         f"p95 {report['added_latency_ms_p95']:.2f} ms"
     )
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2))
-    print(f"wrote {args.out}")
+    write_report(report, args.out)
     return 0
 
 

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import json
 import os
 import re
 import shutil
@@ -34,7 +33,7 @@ import time
 from pathlib import Path
 
 import httpx
-from bench_common import free_port, machine, percentile, serve_command, wait_ready
+from bench_common import free_port, machine, percentile, serve_command, wait_ready, write_report
 
 from loraplex.base_model import pull_embedded_model
 from loraplex.training.demo_adapters import ensure_demo_adapters
@@ -239,9 +238,7 @@ def main() -> int:
         "load_average_1m": os.getloadavg()[0],
         "results": results,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2))
-    print(f"wrote {args.out}")
+    write_report(report, args.out)
     return 0
 
 

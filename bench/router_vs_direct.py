@@ -29,7 +29,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench_common import free_port, machine, serve_command, wait_ready
+from bench_common import free_port, machine, serve_command, wait_ready, write_report
 
 from loraplex.base_model import pull_embedded_model
 from loraplex.training.demo_adapters import DEMO_ADAPTERS, DemoAdapterSpec, ensure_demo_adapters
@@ -198,9 +198,7 @@ def main() -> int:
                 f"router-only overhead, {label}: p50 {stub[f'stub_{label}_added_ms_p50']:.2f} ms, "
                 f"p95 {stub[f'stub_{label}_added_ms_p95']:.2f} ms"
             )
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2))
-    print(f"wrote {args.out}")
+    write_report(report, args.out)
     return 0
 
 
