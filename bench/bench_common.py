@@ -3,13 +3,16 @@ module is importable as `bench_common`)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
+import signal
 import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -68,3 +71,34 @@ def write_report(report: dict, out: Path) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2))
     print(f"wrote {out}")
+
+
+@contextlib.contextmanager
+def stub_and_router(*router_flags: str) -> Iterator[tuple[str, str, subprocess.Popen]]:
+    """An instant stub backend (bench/stub_backend.py) and `loraplex serve` in front of it;
+    yields their URLs and the router's process, and stops both."""
+    stub_port, port = free_port(), free_port()
+    stub, router = f"http://127.0.0.1:{stub_port}", f"http://127.0.0.1:{port}"
+    script = Path(__file__).with_name("stub_backend.py")
+    processes = [subprocess.Popen([sys.executable, str(script), str(stub_port)])]
+    try:
+        if not wait_ready(stub, processes[0], "/health"):
+            raise RuntimeError("stub backend failed to start")
+        command = serve_command(
+            port,
+            "--backend-url",
+            stub,
+            "--base-model",
+            "unused",
+            "--log-level",
+            "warning",
+            *router_flags,
+        )
+        processes.append(subprocess.Popen(command, stdout=subprocess.DEVNULL))
+        if not wait_ready(router, processes[1]):
+            raise RuntimeError("router failed to start")
+        yield stub, router, processes[1]
+    finally:
+        for process in processes:
+            process.send_signal(signal.SIGTERM)
+            process.wait(timeout=30)

@@ -16,15 +16,17 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 import httpx
-from bench_common import free_port, percentile, serve_command, wait_ready, write_report
+from bench_common import (
+    percentile,
+    stub_and_router,
+    write_report,
+)
 
 from loraplex.database import shared_engine
 from loraplex.router.tenancy.store import TenancyStore
@@ -78,41 +80,21 @@ def main() -> int:
     key, _ = store.create_key("bench")
     if args.quota:
         store.set_quota("bench", tokens_per_minute=10**9)  # admitted and charged, never refused
-    stub_port, port = free_port(), free_port()
-    stub, router = f"http://127.0.0.1:{stub_port}", f"http://127.0.0.1:{port}"
-    script = Path(__file__).with_name("stub_backend.py")
-    processes = [subprocess.Popen([sys.executable, str(script), str(stub_port)])]
     report: dict[str, float] = {}
-    try:
-        if not wait_ready(stub, processes[0], "/health"):
-            raise RuntimeError("stub backend failed to start")
-        command = serve_command(
-            port,
-            "--backend-url",
-            stub,
-            "--base-model",
-            "unused",
-            "--log-level",
-            "warning",
-            "--database-url",
-            database_url,
-            "--adapters-dir",
-            str(root / "adapters"),
-        )
-        processes.append(subprocess.Popen(command, stdout=subprocess.DEVNULL))
-        if not wait_ready(router, processes[1]):
-            raise RuntimeError("router failed to start")
+    with stub_and_router(
+        "--database-url", database_url, "--adapters-dir", str(root / "adapters")
+    ) as (stub, router, router_process):
         bodies = {
             "non-streamed": {"model": MODEL, "prompt": "Hi", "max_tokens": 1},
             "stream": {"model": MODEL, "prompt": "Hi", "max_tokens": args.chunks, "stream": True},
         }
         for label, body in bodies.items():
             added_ms(stub, router, key, body, 50)  # warm both paths
-            cpu_before = cpu_s(processes[1].pid)
+            cpu_before = cpu_s(router_process.pid)
             differences = added_ms(stub, router, key, body, args.samples)
             # The router's own CPU per request: unlike latency, barely moved by other
             # processes on a busy machine (includes its health checks, ~1 per 2 s).
-            cpu_ms = (cpu_s(processes[1].pid) - cpu_before) * 1000 / args.samples
+            cpu_ms = (cpu_s(router_process.pid) - cpu_before) * 1000 / args.samples
             p50, p95 = percentile(differences, 0.5), percentile(differences, 0.95)
             report |= {
                 f"{label}_added_ms_p50": p50,
@@ -125,10 +107,6 @@ def main() -> int:
                 f"p50 {p50:.2f} ms, p95 {p95:.2f} ms; router CPU {cpu_ms:.2f} ms per request",
                 flush=True,
             )
-    finally:
-        for process in processes:
-            process.send_signal(signal.SIGTERM)
-            process.wait(timeout=30)
     write_report(report, args.out)
     return 0
 

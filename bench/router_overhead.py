@@ -28,7 +28,14 @@ import time
 from pathlib import Path
 
 import httpx
-from bench_common import free_port, percentile, serve_command, wait_ready, write_report
+from bench_common import (
+    free_port,
+    percentile,
+    serve_command,
+    stub_and_router,
+    wait_ready,
+    write_report,
+)
 
 from loraplex.base_model import pull_embedded_model
 from loraplex.training.demo_adapters import DEMO_ADAPTERS, ensure_demo_adapters
@@ -99,33 +106,9 @@ def added_latency(direct: str, router: str, models: list[str], count: int) -> li
 
 def stub_overhead(models: list[str], adapters_dir: Path, count: int) -> list[float]:
     """Router-minus-direct latency against an instant stub backend, in ms."""
-    stub_port, port = free_port(), free_port()
-    stub, router = f"http://127.0.0.1:{stub_port}", f"http://127.0.0.1:{port}"
-    script = Path(__file__).with_name("stub_backend.py")
-    processes = [subprocess.Popen([sys.executable, str(script), str(stub_port)])]
-    try:
-        if not wait_ready(stub, processes[0], "/health"):
-            raise RuntimeError("stub backend failed to start")
-        command = serve_command(
-            port,
-            "--backend-url",
-            stub,
-            "--base-model",
-            "unused",
-            "--log-level",
-            "warning",
-            "--adapters-dir",
-            str(adapters_dir),
-        )
-        processes.append(subprocess.Popen(command, stdout=subprocess.DEVNULL))
-        if not wait_ready(router, processes[1]):
-            raise RuntimeError("router failed to start")
+    with stub_and_router("--adapters-dir", str(adapters_dir)) as (stub, router, _):
         added_latency(stub, router, models, 50)  # warm both paths
         return added_latency(stub, router, models, count)
-    finally:
-        for process in processes:
-            process.send_signal(signal.SIGTERM)
-            process.wait(timeout=30)
 
 
 def stub_report(models: list[str], adapters_dir: Path, samples: int) -> dict:
