@@ -4,7 +4,7 @@ of a stub backend that records what it was sent and notices when its client hang
 - Every request of a tenant reaches the engine with the tenant's own `cache_salt`.
 - A client that leaves closes the backend request (vLLM aborts such a request) and is
   still charged: a cut stream for what it received, a non-streamed request its worst case.
-The same on the real engine: tests/integration/test_billing.py."""
+The same on the real engine: tests/integration/test_billing_vllm.py."""
 
 from __future__ import annotations
 
