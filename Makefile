@@ -27,7 +27,7 @@ serve: setup
 	$(BIN)/loraplex serve --adapters-dir "$(ADAPTERS)"
 
 test: setup services lint
-	$(BIN)/python -m pytest -q -p no:cacheprovider tests
+	$(BIN)/python -m pytest -q -p no:cacheprovider --durations=25 tests
 
 unit: setup
 	$(BIN)/python -m pytest -q -p no:cacheprovider tests/unit
