@@ -30,11 +30,10 @@ from dataclasses import dataclass
 from typing import get_args
 
 import anyio
-import httpx
 from fastapi.responses import Response, StreamingResponse
 
 from loraplex.router.adapter_loading import AdapterResolver, ServedAdapter
-from loraplex.router.backend_client import BackendFailure, classify, error_detail
+from loraplex.router.backend_client import BackendFailure, EngineResponse, error_detail
 from loraplex.router.backend_pool import BackendPool, Replica
 from loraplex.router.errors import APIError, error_body
 from loraplex.router.metrics import (
@@ -186,7 +185,7 @@ class Forwarder:
         started = time.monotonic()
         self.pool.begin(replica, adapter_id)
         handed_over = False  # the stream relay ends the in-flight count and closes
-        response: httpx.Response | None = None
+        response: EngineResponse | None = None
         try:
             try:
                 response = await replica.client.send(call.path, call.body, call.stream)
@@ -278,7 +277,7 @@ class Forwarder:
         self,
         replica: Replica,
         adapter_id: str | None,
-        response: httpx.Response,
+        response: EngineResponse,
         chunks: AsyncIterator[bytes],
         first: bytes,
     ) -> AsyncIterator[bytes]:
@@ -304,8 +303,8 @@ class Forwarder:
                 if done:
                     return
                 detail = "the backend closed the stream before [DONE]"
-            except httpx.HTTPError as exc:
-                detail = repr(exc)
+            except BackendFailure as failure:
+                detail = failure.detail
                 self.pool.record_failure(replica)
             STREAM_INTERRUPTIONS.inc()
             log.error(
@@ -319,24 +318,22 @@ class Forwarder:
                 await response.aclose()
 
 
-async def _first_chunk(response: httpx.Response, chunks: AsyncIterator[bytes]) -> bytes:
+async def _first_chunk(response: EngineResponse, chunks: AsyncIterator[bytes]) -> bytes:
     """Wait for a stream's first bytes; raises BackendFailure (response closed) if none come."""
     try:
         async for chunk in chunks:
             if chunk:
                 return chunk
         return b""
-    except httpx.HTTPError as exc:
+    except BackendFailure:
         await response.aclose()
-        raise BackendFailure(classify(exc), repr(exc)) from None
+        raise
 
 
-async def _read(response: httpx.Response) -> bytes:
-    """The whole body (already read unless streamed); raises BackendFailure if it breaks."""
+async def _read(response: EngineResponse) -> bytes:
+    """The whole body; raises BackendFailure if it breaks."""
     try:
         return await response.aread()
-    except httpx.HTTPError as exc:
-        raise BackendFailure(classify(exc), repr(exc)) from None
     finally:
         with anyio.CancelScope(shield=True):
             await response.aclose()
