@@ -99,6 +99,17 @@ class Authenticator:
             self._checked_at = now
         return self._required
 
+    def open_mode_principal(self) -> Principal | None:
+        """ANONYMOUS when the last check (under `recheck_s` ago) found no keys at all and
+        open access is allowed; None when only `authenticate` can tell. It needs no
+        database, so the guard calls it on the event loop and skips the hop to a worker
+        thread (about 0.1-0.4 ms per request on this 2-core machine)."""
+        if self._admin_digest is not None or self._required or not self.open_allowed:
+            return None
+        if time.monotonic() - self._checked_at >= self.recheck_s:
+            return None
+        return ANONYMOUS
+
     def authenticate(self, authorization: str | None) -> Principal:
         """The caller behind an Authorization header, or a 401 APIError.
 

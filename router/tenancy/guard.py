@@ -80,7 +80,9 @@ class APIGuard:
         completion = scope["method"] == "POST" and path in COMPLETION_PATHS
         observer = ResponseObserver(stream=False)
         try:
-            principal = await run_sync(self.authenticator.authenticate, _header(scope))
+            principal = self.authenticator.open_mode_principal() or await run_sync(
+                self.authenticator.authenticate, _header(scope)
+            )
         except (APIError, SQLAlchemyError) as exc:
             error = exc if isinstance(exc, APIError) else _database_error()
             if isinstance(exc, SQLAlchemyError):
