@@ -30,6 +30,7 @@ from loraplex.adapters.names import AdapterName, InvalidAdapterName
 from loraplex.adapters.refs import parse_adapter_ref
 from loraplex.adapters.registry import Registry, RegistryConfig
 from loraplex.adapters.splits import bucket, pick
+from loraplex.router.catalog_cache import CachedCatalog
 from loraplex.router.errors import APIError, database_unavailable, model_not_found
 from loraplex.settings import ServeSettings
 
@@ -70,6 +71,8 @@ class AdapterResolver:
         self.store = store
         self.base_model_name = base_model_name
         self.registry = registry
+        # SQLite: answers reused until the file changes (router/catalog_cache.py).
+        self._cached = CachedCatalog.for_catalog(registry.catalog) if registry else None
 
     @classmethod
     def from_settings(cls, settings: ServeSettings, store: LocalAdapterStore) -> AdapterResolver:
@@ -82,9 +85,10 @@ class AdapterResolver:
         """None for the base model; the adapter otherwise. Raises 400/404/503 APIErrors.
 
         A weighted alias picks one of its versions by weight, the same one for the same
-        `user_key` (router/rollout.py `user_key`) while the weights stand. Nothing is
-        cached: the catalog is read on every request, so a changed split (or a rollback
-        by any replica) applies to the next request on every replica."""
+        `user_key` (router/rollout.py `user_key`) while the weights stand. The catalog's
+        answer is read on every request, or on SQLite reused only while the database
+        file is unchanged (router/catalog_cache.py), so a changed split (or a rollback by
+        any replica) applies to the next request on every replica."""
         if model == self.base_model_name:
             return None
         try:
@@ -93,7 +97,10 @@ class AdapterResolver:
             raise APIError(400, f"Invalid model name: {exc}", param="model") from None
         if self.registry is not None and ref.name.tenant is not None:
             try:
-                target = self.registry.catalog.resolve_target(ref)
+                if self._cached is not None:
+                    target = self._cached.resolve_target(model, ref)
+                else:
+                    target = self.registry.catalog.resolve_target(ref)
             except UnknownAdapter:
                 pass  # maybe a local adapter folder
             except CatalogLookupError as exc:
@@ -112,6 +119,10 @@ class AdapterResolver:
         if local is None:
             raise model_not_found(model)
         return ServedAdapter(local.name, model, local.id, local.path)
+
+    def close(self) -> None:
+        if self._cached is not None:
+            self._cached.close()
 
     def registry_models(self) -> list[tuple[str, int]]:
         """(name, created) of every registry adapter with a published version, for /v1/models.

@@ -60,6 +60,7 @@ def create_app(
         await pool.start()
         yield
         await pool.close()
+        resolver.close()
         tenancy.close()
 
     # FastAPI's /openapi.json, /docs and /redoc are open to anyone: ours take the admin key
