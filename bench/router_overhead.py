@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import secrets
 import signal
@@ -30,6 +29,7 @@ from pathlib import Path
 import httpx
 from bench_common import (
     free_port,
+    machine,
     percentile,
     serve_command,
     stub_and_router,
@@ -104,11 +104,20 @@ def added_latency(direct: str, router: str, models: list[str], count: int) -> li
     return differences
 
 
-def stub_overhead(models: list[str], adapters_dir: Path, count: int) -> list[float]:
-    """Router-minus-direct latency against an instant stub backend, in ms."""
-    with stub_and_router("--adapters-dir", str(adapters_dir)) as (stub, router, _):
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process, all threads."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def stub_overhead(models: list[str], adapters_dir: Path, count: int) -> tuple[list[float], float]:
+    """Router-minus-direct latency against an instant stub backend, in ms, and the router
+    process's CPU time per request in ms (less sensitive to a busy machine than latency)."""
+    with stub_and_router("--adapters-dir", str(adapters_dir)) as (stub, router, process):
         added_latency(stub, router, models, 50)  # warm both paths
-        return added_latency(stub, router, models, count)
+        before = cpu_seconds(process.pid)
+        differences = added_latency(stub, router, models, count)
+        return differences, (cpu_seconds(process.pid) - before) * 1000 / count
 
 
 def stub_report(models: list[str], adapters_dir: Path, samples: int) -> dict:
@@ -116,12 +125,14 @@ def stub_report(models: list[str], adapters_dir: Path, samples: int) -> dict:
     (the adapter path resolves and rewrites names; the base path does not). Printed."""
     report = {}
     for label, subset in (("mixed", models), ("base", models[:1]), ("adapter", models[1:2])):
-        differences = stub_overhead(subset, adapters_dir, samples)
+        differences, cpu_ms = stub_overhead(subset, adapters_dir, samples)
         p50, p95 = percentile(differences, 0.5), percentile(differences, 0.95)
         report |= {f"stub_{label}_added_ms_p50": p50, f"stub_{label}_added_ms_p95": p95}
+        report[f"stub_{label}_router_cpu_ms"] = cpu_ms
         print(
             f"router-only overhead, {label} {subset} ({samples} sequential requests, instant "
-            f"stub backend): p50 {p50:.2f} ms, p95 {p95:.2f} ms",
+            f"stub backend): p50 {p50:.2f} ms, p95 {p95:.2f} ms, router CPU {cpu_ms:.2f} ms "
+            "per request",
             flush=True,
         )
     return report
@@ -148,11 +159,11 @@ def main() -> int:
     )
     ensure_demo_adapters(model_dir, adapters_dir)
     models = [BASE_NAME, *(spec.name for spec in DEMO_ADAPTERS)]
+    load_before = os.getloadavg()[0]
     stub = stub_report(models, adapters_dir, args.stub_samples)
+    stub["load_average_1m"] = [load_before, os.getloadavg()[0]]
     if args.stub_only:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(stub, indent=2))
-        print(f"wrote {args.out}")
+        write_report({**stub, "machine": machine()}, args.out)
         return 0
     port, backend_port = free_port(), free_port()
     router, direct = f"http://127.0.0.1:{port}", f"http://127.0.0.1:{backend_port}"
