@@ -7,6 +7,9 @@
 # debootstrap and podman-compose build and run the images (tests/integration/
 # test_containers.py; `make image`, whose base comes from debootstrap where no image
 # registry is reachable; deploy/docker/containers.conf holds the settings podman needs here).
+# Debian's podman without its recommended packages networks through CNI, whose compose
+# networks resolve service names only with the dnsname plugin (tests/integration/
+# test_compose.py: the router finds `backend`, Prometheus `router`, by name).
 # Idempotent and quick when already installed; needs root (CI runs as root).
 set -euo pipefail
 
@@ -24,6 +27,7 @@ command -v podman >/dev/null 2>&1 || missing+=(podman)
 command -v runc >/dev/null 2>&1 || missing+=(runc)
 command -v debootstrap >/dev/null 2>&1 || missing+=(debootstrap)
 command -v podman-compose >/dev/null 2>&1 || missing+=(podman-compose)
+[ -x /usr/lib/cni/dnsname ] || missing+=(golang-github-containernetworking-plugin-dnsname)
 if [ ${#missing[@]} -eq 0 ]; then
   echo "[services] prometheus $(prometheus --version 2>&1 | head -1 | awk '{print $3}'), amtool" \
     "and postgresql $("$(postgres_bin)/postgres" --version | awk '{print $3}') present"

@@ -25,6 +25,9 @@ from tests.unit.deploy_support import DEPLOY, ROOT, unknown_settings
 
 DOCKER = DEPLOY / "docker"
 DOCKERFILES = [DOCKER / "Dockerfile.cpu", DOCKER / "Dockerfile.gpu"]
+# Debian's Prometheus on the local base image, for compose where prom/prometheus cannot be
+# pulled (tests/integration/test_compose.py builds and runs it).
+PROMETHEUS_DOCKERFILE = DOCKER / "Dockerfile.prometheus"
 
 
 def _tool(name: str) -> str:
@@ -40,7 +43,12 @@ def _tool(name: str) -> str:
 
 def test_hadolint_passes():
     result = subprocess.run(
-        [_tool("hadolint"), "--config", str(DOCKER / ".hadolint.yaml"), *map(str, DOCKERFILES)],
+        [
+            _tool("hadolint"),
+            "--config",
+            str(DOCKER / ".hadolint.yaml"),
+            *map(str, [*DOCKERFILES, PROMETHEUS_DOCKERFILE]),
+        ],
         capture_output=True,
         text=True,
         timeout=60,
@@ -167,7 +175,11 @@ def _unused_port() -> int:
 
 
 def _compose_config(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    base = {k: v for k, v in os.environ.items() if not k.startswith(("LORAPLEX_", "GRAFANA_"))}
+    base = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("LORAPLEX_", "GRAFANA_", "PROMETHEUS_", "ALERTMANAGER_"))
+    }
     return subprocess.run(
         [_tool("docker-compose"), "-f", str(DEPLOY / "compose.yaml"), "config", "--format", "yaml"],
         capture_output=True,
@@ -206,6 +218,60 @@ def test_compose_runs_the_whole_stack(compose):
     assert "ports" not in services["backend"]
     for name in ("router", "prometheus", "alertmanager", "grafana"):
         assert all(p["host_ip"] == "127.0.0.1" for p in services[name]["ports"]), name
+
+
+def test_compose_images_and_host_ports_come_from_variables(compose):
+    services = compose["services"]
+    # Defaults: the official images, the well-known ports.
+    assert services["prometheus"]["image"] == "prom/prometheus:v2.53.4"
+    assert services["alertmanager"]["image"] == "prom/alertmanager:v0.28.1"
+    assert services["grafana"]["image"] == "grafana/grafana:11.5.2"
+    assert services["router"]["image"] == services["backend"]["image"] == "loraplex:cpu"
+    published = {name: services[name]["ports"][0]["published"] for name in PUBLISHED_PORTS}
+    assert published == {name: str(port) for name, port in PUBLISHED_PORTS.items()}
+
+    result = _compose_config(
+        {
+            "LORAPLEX_ADMIN_KEY": "k",
+            "LORAPLEX_IMAGE_FLAVOUR": "gpu",
+            "LORAPLEX_IMAGE_REPOSITORY": "registry.example/loraplex",
+            "PROMETHEUS_IMAGE": "localhost/loraplex-prometheus:bookworm",
+            "ALERTMANAGER_IMAGE": "am:x",
+            "GRAFANA_IMAGE": "gf:x",
+            "LORAPLEX_ROUTER_PORT": "18000",
+            "PROMETHEUS_PORT": "19090",
+            "ALERTMANAGER_PORT": "19093",
+            "GRAFANA_PORT": "13000",
+        }
+    )
+    assert result.returncode == 0, result.stderr
+    services = yaml.safe_load(result.stdout)["services"]
+    assert services["prometheus"]["image"] == "localhost/loraplex-prometheus:bookworm"
+    assert (services["alertmanager"]["image"], services["grafana"]["image"]) == ("am:x", "gf:x")
+    # The flavour picks the Dockerfile and the tag together.
+    assert services["backend"]["image"] == "registry.example/loraplex:gpu"
+    assert services["backend"]["build"]["dockerfile"] == "deploy/docker/Dockerfile.gpu"
+    published = {name: services[name]["ports"][0]["published"] for name in PUBLISHED_PORTS}
+    assert published == {
+        "router": "18000",
+        "prometheus": "19090",
+        "alertmanager": "19093",
+        "grafana": "13000",
+    }
+
+
+PUBLISHED_PORTS = {"router": 8000, "prometheus": 9090, "alertmanager": 9093, "grafana": 3000}
+
+
+def test_prometheus_dockerfile_runs_like_the_official_image(compose):
+    # Same entry point and data folder, so compose's command and volume fit either image.
+    text = PROMETHEUS_DOCKERFILE.read_text()
+    assert 'ENTRYPOINT ["/usr/bin/prometheus"]' in text
+    assert re.search(r"^USER prometheus$", text, re.M)
+    service = compose["services"]["prometheus"]
+    assert "--config.file=/etc/prometheus/prometheus.yml" in service["command"]
+    assert "--storage.tsdb.path=/prometheus" in service["command"]
+    assert {v["target"] for v in service["volumes"]} == {"/etc/prometheus", "/prometheus"}
 
 
 def test_compose_references_existing_files(compose):
