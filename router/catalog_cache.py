@@ -5,7 +5,8 @@ move, a changed split or a rollback applies to the next request on every router.
 SQLite catalog the router can tell cheaply whether anything changed: SQLite's
 `PRAGMA data_version` returns a different number after any other connection (any
 process, any thread, this router's own pool included) committed a change to the file,
-and costs ~6 µs against ~0.15 ms for the lookup through SQLAlchemy (measured on this
+and costs ~6 µs (with a stat of the file, so a replaced or deleted file counts as a
+change) against ~0.15 ms for the lookup through SQLAlchemy (measured on this
 2-core machine). So answers are reused only while that number stands: no time-to-live,
 nothing stale. Any write clears the whole cache (quota bookkeeping of a tenant request
 writes too, so with tenants the cache helps less; answers stay exact). Other databases
@@ -15,14 +16,12 @@ catalog, as before.
 
 from __future__ import annotations
 
-import logging
+import os
 import sqlite3
 from pathlib import Path
 
 from loraplex.adapters.catalog import AliasTarget, Catalog, CatalogLookupError
 from loraplex.adapters.refs import AdapterRef
-
-log = logging.getLogger(__name__)
 
 MAX_ENTRIES = 4096
 """Distinct names kept (made-up names are answers too); past it the cache starts over."""
@@ -33,9 +32,9 @@ class CachedCatalog:
 
     def __init__(self, catalog: Catalog, path: Path) -> None:
         self.catalog = catalog
-        # A connection of its own that never writes: its data_version moves on every
-        # commit made through any other connection.
-        self._watch = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        self._path = path
+        self._watch: sqlite3.Connection | None = None
+        self._inode: tuple[int, int] | None = None
         self._version: int | None = None
         self._answers: dict[str, AliasTarget | tuple[type[CatalogLookupError], str]] = {}
 
@@ -70,16 +69,29 @@ class CachedCatalog:
         return answer
 
     def _changed(self) -> bool:
+        """True unless the file is the one watched and nobody committed to it since the
+        last call. A file that is gone or replaced (one stat, ~2 µs) is a change too, so
+        the catalog is asked and its failure answers 503 as without this cache."""
         try:
+            stat = os.stat(self._path)
+            inode = (stat.st_dev, stat.st_ino)
+            if self._watch is None or inode != self._inode:
+                self.close()
+                # A connection of its own that never writes: its data_version moves on
+                # every commit made through any other connection.
+                self._watch = sqlite3.connect(
+                    self._path, isolation_level=None, check_same_thread=False
+                )
+                self._inode = inode
             version = self._watch.execute("PRAGMA data_version").fetchone()[0]
-        except sqlite3.Error as exc:
-            # Cannot tell: ask the catalog (whose own errors map to 503 as before).
-            log.warning("catalog change check failed: %r", exc)
-            self._version = None
+        except (OSError, sqlite3.Error):
+            self.close()
             return True
         changed = version != self._version
         self._version = version
         return changed
 
     def close(self) -> None:
-        self._watch.close()
+        if self._watch is not None:
+            self._watch.close()
+        self._watch, self._inode, self._version = None, None, None
