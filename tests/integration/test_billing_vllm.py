@@ -27,6 +27,7 @@ import pytest
 from loraplex.database import shared_engine
 from loraplex.router.tenancy.store import TenancyStore
 from tests.integration.conftest import BASE_NAME, Server, free_port
+from tests.sse import data_events
 
 pytestmark = pytest.mark.integration
 
@@ -116,9 +117,9 @@ def router(server: Server, tmp_path_factory: pytest.TempPathFactory) -> Iterator
 def _chunks(response: httpx.Response) -> list[dict]:
     """The stream's chunks without the fields that differ per request (id, created)."""
     chunks = []
-    for line in response.iter_lines():
-        if line.startswith("data: {"):
-            chunk = json.loads(line.removeprefix("data: "))
+    for data in data_events(response.iter_bytes()):
+        if data.startswith("{"):
+            chunk = json.loads(data)
             chunks.append({k: v for k, v in chunk.items() if k not in ("id", "created")})
     return chunks
 
@@ -195,8 +196,8 @@ def test_stream_cut_by_its_client_is_charged(router: BillingRouter) -> None:
     ) as stream:
         assert stream.status_code == 200
         received = 0
-        for line in stream.iter_lines():
-            received += line.startswith("data: {")
+        for data in data_events(stream.iter_bytes()):
+            received += data.startswith("{")
             if received == 4:
                 break  # role + 3 tokens, then the client hangs up
     deadline = time.monotonic() + 15

@@ -10,6 +10,7 @@ reuses every layer but the source's (scripts/build-image.sh; podman keeps its la
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -218,6 +219,14 @@ def container_processes(name: str) -> dict[int, int]:
     return uids
 
 
+def test_image_keeps_the_dockerfiles_healthcheck(image: str):
+    # Podman's default OCI format drops HEALTHCHECK; compose and docker users rely on it.
+    healthcheck = json.loads(
+        podman("image", "inspect", "--format", "{{json .Config.Healthcheck}}", image)
+    )
+    assert healthcheck["Test"] == ["CMD", "python", "/opt/loraplex/entrypoint.py", "healthcheck"]
+
+
 def test_container_processes_run_as_non_root(stack: Stack):
     backend, router = container_processes(stack.backend), container_processes(stack.router)
     # tini, the vLLM API server and its engine core; tini and the router.
@@ -259,7 +268,12 @@ def test_sigterm_stops_each_container_and_the_router_answers_503_without_its_eng
     assert int(response.headers["Retry-After"]) > 0
     error = response.json()["error"]
     assert error["message"] and error["type"] and "code" in error and "param" in error
-    assert httpx.get(f"{stack.router_url}/ready", timeout=5).status_code == 503
+    # Readiness follows the pool's probes: a replica is ejected after 3 failed ones, 2 s
+    # apart by default (docs/scaleout.md), so /ready turns 503 within seconds, not at once.
+    deadline = time.monotonic() + 20
+    while httpx.get(f"{stack.router_url}/ready", timeout=5).status_code != 503:
+        assert time.monotonic() < deadline, "/ready stayed 200 with the engine gone for 20 s"
+        time.sleep(0.5)
 
     took, code = _stop(stack.router)
     assert code == 0 and took < STOP_LIMIT_S, (

@@ -36,6 +36,7 @@ from tests.integration.conftest import (
     descendants,
     free_port,
 )
+from tests.sse import adata_events
 
 pytestmark = pytest.mark.integration
 
@@ -235,9 +236,8 @@ class Load:
                 async with client.stream(
                     "POST", f"{self.url}/v1/completions", json={**body, "stream": True}
                 ) as response:
-                    async for line in response.aiter_lines():
-                        if line.startswith("data: "):
-                            events.append(line[6:])
+                    async for data in adata_events(response):
+                        events.append(data)
                 self.streams[stream_ending(response.status_code, events)] += 1
             except httpx.HTTPError as exc:
                 self.streams[type(exc).__name__] += 1

@@ -78,7 +78,10 @@ def router(server: Server, tmp_path_factory: pytest.TempPathFactory) -> Iterator
         shutil.copytree(server.adapters_dir / source, adapters_dir / name)
         # The engine's resolver loads local adapters from its own folder, which an external
         # engine shares with its routers (docs/serving.md): put them there too.
-        shutil.copytree(server.adapters_dir / source, server.adapters_dir / name)
+        # Other modules put the same adapter there under the same name (public/shared).
+        shutil.copytree(
+            server.adapters_dir / source, server.adapters_dir / name, dirs_exist_ok=True
+        )
     port = free_port()
     log_path = root / "router.log"
     router = TenantRouter(
