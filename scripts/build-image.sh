@@ -40,7 +40,9 @@ BASE_IMAGE=${BASE_IMAGE:-$(scripts/base-image.sh)}
 
 args=(--network host -f "$DOCKERFILE" -t "$IMAGE" --build-arg "BASE_IMAGE=$BASE_IMAGE")
 if [ "$ENGINE" = podman ]; then
-  args+=(--layers --ignorefile "$DOCKERFILE.dockerignore")
+  # Docker's image format: podman's default (OCI) has no HEALTHCHECK and drops the
+  # Dockerfile's, which docker, compose and the Helm chart's users expect in the image.
+  args+=(--layers --format docker --ignorefile "$DOCKERFILE.dockerignore")
 fi
 
 # pip settings: files first (global, user, site), then environment variables, which pip
