@@ -14,8 +14,13 @@ row of the same engine, plus, for
 each of loraplex's choices, the speedup over vLLM's ops and the share of requests
 whose tokens equal vLLM's; writes JSON and a bar chart.
 
+With several `--max-loras` values, each kernel choice runs once per value (a slot costs
+memory on CPU, not a kernel launch: the 32-adapter row shows what more slots buy), and
+every column is named `KERNELS@max_loras`.
+
 Usage: python bench/multilora_throughput.py [--prompts 64] [--tokens 64] [--dtype bfloat16]
                                            [--repeats 3] [--kernels vllm loraplex]
+                                           [--max-loras 8 16 32]
 """
 
 from __future__ import annotations
@@ -27,6 +32,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+from bench_common import machine
 
 ROWS = ("base", "uniform-8", "single-1", "uniform-32")
 KERNELS = ("vllm", "loraplex-torch", "loraplex")
@@ -72,8 +79,8 @@ def run_engine(args: argparse.Namespace) -> None:
         model=str(embedded_model_dir()),
         dtype=args.dtype,
         enable_lora=True,
-        max_loras=8,
-        max_cpu_loras=32,
+        max_loras=args.max_loras[0],
+        max_cpu_loras=max(32, args.max_loras[0]),
         max_lora_rank=args.rank,
         max_model_len=1024,
         max_num_seqs=args.prompts,
@@ -118,6 +125,11 @@ def run_engine(args: argparse.Namespace) -> None:
     args.out.write_text(json.dumps(results))
 
 
+def engine_label(kernels: str, max_loras: int, all_max_loras: list[int]) -> str:
+    """A column's name: the kernel choice, plus the slot count when several are compared."""
+    return kernels if len(all_max_loras) == 1 else f"{kernels}@{max_loras}"
+
+
 def plot(summary: dict, kernels: list[str], path: Path) -> None:
     """Bar chart of each row's throughput relative to its engine's base row."""
     import matplotlib
@@ -154,6 +166,13 @@ def main() -> int:
         "--repeats", type=int, default=3, help="runs of each row (interleaved); median reported"
     )
     parser.add_argument("--kernels", choices=KERNELS, nargs="+", default=list(KERNELS))
+    parser.add_argument(
+        "--max-loras",
+        type=int,
+        nargs="+",
+        default=[8],
+        help="vLLM adapter slots; one engine per kernel choice and value (default 8)",
+    )
     parser.add_argument("--out", type=Path, default=Path("bench/out/multilora_throughput.json"))
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -165,7 +184,9 @@ def main() -> int:
     results = {}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     partial = args.out.with_suffix(".engine.json")
-    for kernels in args.kernels:
+    engines = [(k, m) for m in args.max_loras for k in args.kernels]
+    labels = [engine_label(k, m, args.max_loras) for k, m in engines]
+    for (kernels, max_loras), label in zip(engines, labels, strict=True):
         env = dict(os.environ, LORAPLEX_CPU_LORA_KERNELS=kernels, VLLM_PLUGINS="loraplex")
         env.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
         child = [
@@ -182,10 +203,12 @@ def main() -> int:
             args.dtype,
             "--repeats",
             str(args.repeats),
+            "--max-loras",
+            str(max_loras),
             "--out",
             str(partial),
         ]
-        print(f"running engine with {kernels} kernels ...", file=sys.stderr)
+        print(f"running engine with {kernels} kernels, max_loras {max_loras} ...", file=sys.stderr)
         done = subprocess.run(
             child,
             env=env,
@@ -197,21 +220,22 @@ def main() -> int:
         if done.returncode != 0:
             print(done.stderr[-4000:], file=sys.stderr)
             return 1
-        results[kernels] = json.loads(partial.read_text())
+        results[label] = json.loads(partial.read_text())
 
     print(
         f"\n{args.prompts} prompts x {args.tokens} greedy tokens (ignore_eos), {args.dtype}, "
-        f"r={args.rank} on 7 projections, max_loras 8, max_cpu_loras 32, "
+        f"r={args.rank} on 7 projections, max_loras {'/'.join(map(str, args.max_loras))}, "
+        f"max_cpu_loras {max(32, *args.max_loras)}, "
         f"median of {args.repeats} runs per row"
     )
-    header = f"{'row':<12}" + "".join(f"{k + ' tok/s':>22}{'ratio':>7}" for k in args.kernels)
-    reference, others = args.kernels[0], args.kernels[1:]
+    header = f"{'row':<12}" + "".join(f"{k + ' tok/s':>22}{'ratio':>7}" for k in labels)
+    reference, others = labels[0], labels[1:]
     print(header + "".join(f"{'x ' + reference + ' (' + k + ')':>26}{'same':>8}" for k in others))
     summary = {}
     for row in ROWS:
         line = f"{row:<12}"
         summary[row] = {}
-        for kernels in args.kernels:
+        for kernels in labels:
             tok_s = results[kernels][row]["tok_s"]
             ratio = tok_s / results[kernels]["base"]["tok_s"]
             summary[row][kernels] = {
@@ -232,8 +256,12 @@ def main() -> int:
             line += f"{speedup:>26.2f}{same:>5}/{len(old['token_ids'])}"
         print(line)
     partial.unlink()
-    plot(summary, args.kernels, args.out.with_suffix(".png"))
-    report = {"workload": vars(args) | {"out": str(args.out)}, "rows": summary}
+    plot(summary, labels, args.out.with_suffix(".png"))
+    report = {
+        "machine": machine(),
+        "workload": vars(args) | {"out": str(args.out)},
+        "rows": summary,
+    }
     args.out.write_text(json.dumps(report, indent=2))
     print(f"wrote {args.out}")
     return 0
