@@ -128,10 +128,15 @@ class EngineResponse:
         self._complete = False
         self._error: BackendFailure | None = None
         self._waiter: asyncio.Future[None] | None = None
+        self._read_whole = False
         self.is_closed = False
 
     async def aread(self) -> bytes:
         """The whole body; raises BackendFailure if it breaks off or times out."""
+        # All of it is kept anyway: reading paused past the read-ahead bound would only
+        # wait for a reader that never comes (a body over 256 KiB timed out).
+        self._read_whole = True
+        self._connection.resume_reading()
         while not self._complete:
             await self._wait()
         body = b"".join(self._chunks)
@@ -145,7 +150,8 @@ class EngineResponse:
             if self._chunks:
                 chunk = self._chunks.popleft()
                 self._buffered -= len(chunk)
-                if self._buffered < _PAUSE_READING_BYTES:
+                if self._buffered < _PAUSE_READING_BYTES and not self._complete:
+                    # (once complete, the connection may carry another request)
                     self._connection.resume_reading()
                 yield chunk
             elif self._complete:
@@ -205,7 +211,7 @@ class EngineResponse:
     def _body(self, data: bytes) -> None:
         self._chunks.append(data)
         self._buffered += len(data)
-        if self._buffered > _PAUSE_READING_BYTES:
+        if self._buffered > _PAUSE_READING_BYTES and not self._read_whole:
             self._connection.pause_reading()
         self._wake()
 
@@ -300,6 +306,9 @@ class _Connection(asyncio.Protocol):
         if response is not None:
             response._end()
         if keep_alive and not self.closed:
+            # The answer is whole: a pause for its reader must not outlive it, or the
+            # next request on this connection (and the engine's close) is never read.
+            self.resume_reading()
             self.idle_since = time.monotonic()
             self._on_idle(self)
         else:
