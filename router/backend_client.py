@@ -80,6 +80,12 @@ class BackendClient:
             headers=auth or None,
             timeout=httpx.Timeout(timeout_s, connect=CONNECT_TIMEOUT_S),
             limits=httpx.Limits(max_connections=8, max_keepalive_connections=2),
+            # Direct, as forwarding is (it never reads proxy variables): a probe sent
+            # through HTTP_PROXY could eject a replica that forwarding reaches. Without
+            # the environment httpx would also skip SSL_CERT_FILE: forwarding's TLS
+            # trust instead (OpenSSL's defaults, which read it).
+            trust_env=False,
+            verify=ssl.create_default_context() if self.base_url.startswith("https") else True,
         )
 
     async def close(self) -> None:

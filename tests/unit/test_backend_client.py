@@ -19,6 +19,7 @@ from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
+import httpx
 import pytest
 
 from loraplex.router import backend_client
@@ -605,5 +606,44 @@ def test_a_slow_reader_of_a_long_stream_gets_every_byte() -> None:
             finally:
                 await client.close()
             assert server.accepted == 1
+
+    run(main())
+
+
+# ---- no proxy ------------------------------------------------------------------------
+
+
+def test_the_engine_is_reached_directly_whatever_the_proxy_variables_say(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Forwarding, the health probe and /metrics reads all connect to the engine itself
+    (on loopback or the pod network), never through HTTP_PROXY: one path, so a probe
+    cannot eject a replica that forwarding would reach, or the reverse."""
+    with socket.socket() as sock:  # a proxy that refuses every connection
+        sock.bind(("127.0.0.1", 0))
+        proxy = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    for name in ("HTTP_PROXY", "http_proxy", "HTTPS_PROXY", "https_proxy", "ALL_PROXY"):
+        monkeypatch.setenv(name, proxy)
+    for name in ("NO_PROXY", "no_proxy"):
+        monkeypatch.delenv(name, raising=False)
+
+    async def handler(server: RawServer, reader, writer) -> None:
+        while (request := await read_request(reader)) is not None:
+            server.requests.append(request)
+            writer.write(json_answer({"path": request.target}))
+            await writer.drain()
+
+    async def main() -> None:
+        async with RawServer(handler) as server:
+            client = BackendClient(server.url, timeout_s=10)
+            try:
+                response = await client.send("/v1/completions", b"{}", stream=False)
+                assert json.loads(await response.aread()) == {"path": "/v1/completions"}
+                assert await client.is_healthy(timeout_s=SLACK_S)
+                metrics = await client.get("/metrics", timeout=httpx.Timeout(SLACK_S))
+                assert metrics.status_code == 200
+            finally:
+                await client.close()
+            assert [r.target for r in server.requests] == ["/v1/completions", "/health", "/metrics"]
 
     run(main())
