@@ -46,6 +46,8 @@ def shown_default(value: object) -> str:
         return "~" + text[len(home) :] if text.startswith(home + "/") else text
     if value == "":
         return "''"
+    if value is None:
+        return "unset"
     return str(value)
 
 
@@ -82,8 +84,8 @@ def add_settings_flags(
             continue
         field = ServeSettings.model_fields[name]
         annotation = field.annotation
-        if annotation == Path | None:
-            annotation = Path
+        if annotation in (Path | None, int | None):
+            annotation = typing.get_args(annotation)[0]
         kwargs: dict[str, typing.Any] = {"dest": name, "default": None}
         if annotation is bool:
             kwargs["action"] = argparse.BooleanOptionalAction

@@ -57,7 +57,7 @@ def vllm_command(settings: ServeSettings, port: int | None = None) -> list[str]:
         str(settings.max_num_seqs),
         "--enable-lora",
         "--max-loras",
-        str(settings.max_loras),
+        str(engine_max_loras(settings)),
         "--max-cpu-loras",
         str(settings.max_cpu_loras),
         "--max-lora-rank",
@@ -66,6 +66,19 @@ def vllm_command(settings: ServeSettings, port: int | None = None) -> list[str]:
         "--uvicorn-log-level",
         "warning",
     ]
+
+
+CPU_MAX_LORAS, GPU_MAX_LORAS = 32, 8
+"""Engine slots when max_loras is unset (see the setting's description)."""
+
+
+def engine_max_loras(settings: ServeSettings) -> int:
+    """The engine's adapter slots: the setting, else 8 on a GPU and 32 on CPU (never
+    more than max_cpu_loras, which vLLM requires)."""
+    if settings.max_loras is not None:
+        return settings.max_loras
+    default = GPU_MAX_LORAS if visible_gpus() else CPU_MAX_LORAS
+    return min(default, settings.max_cpu_loras)
 
 
 # What an engine may inherit from the router's environment: the names an engine, its

@@ -31,7 +31,9 @@ from loraplex.serving.vllm_backend import (
     cpu_list_text,
     cpu_share,
     replica_environment,
+    vllm_command,
 )
+from loraplex.settings import ServeSettings
 from tests.unit.registry_helpers import free_port
 
 FAKE_ENGINE = Path(__file__).with_name("fake_vllm_engine.py")
@@ -227,6 +229,21 @@ def test_one_replica_keeps_vllms_defaults_and_more_get_one_gpu_each(monkeypatch)
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
     assert "CUDA_VISIBLE_DEVICES" not in replica_environment(1, 2)
     assert replica_environment(1, 2)["VLLM_CPU_OMP_THREADS_BIND"]
+
+
+def test_engine_slots_default_to_32_on_cpu_and_8_on_gpu(monkeypatch) -> None:
+    def slots(**settings: object) -> str:
+        command = vllm_command(ServeSettings(**settings))
+        return command[command.index("--max-loras") + 1]
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    assert slots() == "32"  # CPU: a slot costs memory, not kernel time
+    assert slots(max_cpu_loras=16) == "16"  # vLLM refuses more slots than its CPU cache
+    assert slots(max_loras=4) == "4"
+    monkeypatch.setenv("LORAPLEX_MAX_LORAS", "")  # a blank deploy value: the default
+    assert slots() == "32"
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")
+    assert slots() == "8"
 
 
 # -- loraplex serve ----------------------------------------------------------------------
