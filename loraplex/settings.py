@@ -48,7 +48,7 @@ class ServeSettings(BaseSettings):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "bfloat16"
     """Weights/activations dtype of the base model in vLLM (float32 to match peft exactly)."""
     max_loras: int | None = Field(None, ge=1)
-    """Adapters vLLM can hold in one batch (engine slots). Unset: 32 on CPU (at most
+    """Adapters vLLM can hold in one batch (engine slots). Unset (or `auto`): 32 on CPU (at most
     max_cpu_loras), 8 on GPU. On CPU a slot costs memory (~20 MB for this base model at
     r=16), not kernel time, and vLLM batches requests of at most this many adapters:
     traffic spread over 32 adapters ran 1.5-1.9x faster with 32 slots than with 8, and

@@ -240,8 +240,9 @@ def test_engine_slots_default_to_32_on_cpu_and_8_on_gpu(monkeypatch) -> None:
     assert slots() == "32"  # CPU: a slot costs memory, not kernel time
     assert slots(max_cpu_loras=16) == "16"  # vLLM refuses more slots than its CPU cache
     assert slots(max_loras=4) == "4"
-    monkeypatch.setenv("LORAPLEX_MAX_LORAS", "")  # a blank deploy value: the default
-    assert slots() == "32"
+    for blank in ("", "auto"):  # as the Helm chart and compose render the default
+        monkeypatch.setenv("LORAPLEX_MAX_LORAS", blank)
+        assert slots() == "32"
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")
     assert slots() == "8"
 
