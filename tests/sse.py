@@ -12,11 +12,20 @@ from collections.abc import AsyncIterator, Iterable, Iterator
 import httpx
 
 
-def _split(pending: bytes) -> tuple[list[bytes], bytes]:
-    """Complete lines in `pending` (without their endings) and the unfinished rest."""
-    normalized = pending.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
-    *lines, rest = normalized.split(b"\n")
-    return lines, rest
+class _DataLines:
+    """The payloads of `data:` lines in bytes that arrive in arbitrary pieces."""
+
+    def __init__(self) -> None:
+        self._pending = b""
+
+    def feed(self, chunk: bytes) -> list[str]:
+        normalized = (self._pending + chunk).replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+        *lines, self._pending = normalized.split(b"\n")
+        return [data for line in lines if (data := _data(line)) is not None]
+
+    def close(self) -> list[str]:
+        data = _data(self._pending)
+        return [] if data is None else [data]
 
 
 def _data(line: bytes) -> str | None:
@@ -25,23 +34,17 @@ def _data(line: bytes) -> str | None:
 
 def data_events(chunks: Iterable[bytes]) -> Iterator[str]:
     """The payload of each `data:` line, as it arrives."""
-    pending = b""
+    lines = _DataLines()
     for chunk in chunks:
-        lines, pending = _split(pending + chunk)
-        for line in lines:
-            if (data := _data(line)) is not None:
-                yield data
-    if (data := _data(pending)) is not None:
-        yield data
+        yield from lines.feed(chunk)
+    yield from lines.close()
 
 
 async def adata_events(response: httpx.Response) -> AsyncIterator[str]:
     """`data_events` of an async response."""
-    pending = b""
+    lines = _DataLines()
     async for chunk in response.aiter_bytes():
-        lines, pending = _split(pending + chunk)
-        for line in lines:
-            if (data := _data(line)) is not None:
-                yield data
-    if (data := _data(pending)) is not None:
+        for data in lines.feed(chunk):
+            yield data
+    for data in lines.close():
         yield data
