@@ -29,24 +29,44 @@ def free_port() -> int:
 
 @contextmanager
 def uvicorn_in_thread(
-    config: uvicorn.Config, start_timeout_s: float = 10
+    config: uvicorn.Config, start_timeout_s: float = 30
 ) -> Iterator[uvicorn.Server]:
     """Runs `config`'s server on a daemon thread for the `with` block and stops it after.
 
-    Waits up to `start_timeout_s` for it to start; the caller checks `server.started`
-    where a server that did not start must fail the test at once.
+    The listening socket is bound here, before the thread starts, so a port that is taken
+    fails at once with the address in the error; `config.port = 0` lets the kernel choose
+    one (no race with another process between choosing and binding) and `bound_url`
+    says which. Waits up to `start_timeout_s` for the server to start (a loaded 2-core CI
+    machine has needed more than 10 s for a router's lifespan); the caller checks
+    `server.started` where a server that did not start must fail the test at once.
     """
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        listener.bind((config.host, config.port))
+    except OSError as error:
+        listener.close()
+        raise OSError(
+            f"cannot bind {config.host}:{config.port} for a test server: {error}"
+        ) from error
     server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, daemon=True)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [listener]}, daemon=True)
     thread.start()
     deadline = time.monotonic() + start_timeout_s
-    while not server.started and time.monotonic() < deadline:
+    while not server.started and thread.is_alive() and time.monotonic() < deadline:
         time.sleep(0.02)
     try:
         yield server
     finally:
         server.should_exit = True
         thread.join(timeout=10)
+        listener.close()
+
+
+def bound_url(server: uvicorn.Server) -> str:
+    """The http:// address a started `uvicorn_in_thread` server listens on."""
+    host, port = server.servers[0].sockets[0].getsockname()[:2]
+    return f"http://{host}:{port}"
 
 
 def make_adapter_dir(folder: Path, seed: int, rank: int = 8, **config: object) -> Path:

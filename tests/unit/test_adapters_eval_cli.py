@@ -14,7 +14,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
 from loraplex.adapters.manifest import sha256_file
-from tests.unit.registry_helpers import free_port, uvicorn_in_thread
+from tests.unit.registry_helpers import bound_url, free_port, uvicorn_in_thread
 from tests.unit.test_quality_gate import env, scored_adapter  # noqa: F401 (fixture)
 from tests.unit.test_registry_cli import run
 
@@ -39,11 +39,10 @@ def router() -> Iterator[tuple[str, list[dict]]]:
         message = {"role": "assistant", "content": answers[body["model"]]}
         return JSONResponse({"choices": [{"message": message}]})
 
-    port = free_port()
-    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error")
+    config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="error")
     with uvicorn_in_thread(config) as server:
         assert server.started
-        yield f"http://127.0.0.1:{port}", seen
+        yield bound_url(server), seen
 
 
 def held_out(folder: Path) -> Path:

@@ -27,7 +27,7 @@ from loraplex.router.tenancy.auth import ANONYMOUS, Principal
 from loraplex.router.tenancy.cache_salt import CacheSalts
 from loraplex.router.tenancy.store import TenancyStore
 from loraplex.settings import ServeSettings
-from tests.unit.registry_helpers import free_port, uvicorn_in_thread
+from tests.unit.registry_helpers import bound_url, uvicorn_in_thread
 
 PROMPT_TOKENS = 95
 ADMIN_KEY = "lpx_admin-key-for-the-billing-tests-0123456789"
@@ -111,7 +111,6 @@ def stack(tmp_path: Path) -> Iterator[Stack]:
     (shared / "adapter_config.json").write_text("{}")
     (shared / "adapter_model.safetensors").write_bytes(b"")
     engine = StubEngine()
-    engine_port, router_port = free_port(), free_port()
     settings = ServeSettings(
         adapters_dir=tmp_path / "adapters",
         base_model_name="base",
@@ -120,19 +119,19 @@ def stack(tmp_path: Path) -> Iterator[Stack]:
         backend_api_key="engine-secret",  # type: ignore[arg-type]
         health_check_interval_s=0.2,
     )
-    router = create_app(settings, f"http://127.0.0.1:{engine_port}")
-    quiet = {"host": "127.0.0.1", "log_level": "warning", "lifespan": "on"}
-    with (
-        uvicorn_in_thread(uvicorn.Config(engine.app(), port=engine_port, **quiet)),  # type: ignore[arg-type]
-        uvicorn_in_thread(uvicorn.Config(router, port=router_port, **quiet)) as server,  # type: ignore[arg-type]
-    ):
-        assert server.started
-        url = f"http://127.0.0.1:{router_port}"
-        deadline = time.monotonic() + 10
-        while httpx.get(f"{url}/ready").status_code != 200:
-            assert time.monotonic() < deadline, "router never ready"
-            time.sleep(0.05)
-        yield Stack(url, engine, store, keys)
+    # Port 0 everywhere: the kernel picks free ports, so nothing else can take them first.
+    quiet = {"host": "127.0.0.1", "port": 0, "log_level": "warning", "lifespan": "on"}
+    with uvicorn_in_thread(uvicorn.Config(engine.app(), **quiet)) as engine_server:  # type: ignore[arg-type]
+        assert engine_server.started, "stand-in engine did not start"
+        router = create_app(settings, bound_url(engine_server))
+        with uvicorn_in_thread(uvicorn.Config(router, **quiet)) as server:  # type: ignore[arg-type]
+            assert server.started, "router did not start"
+            url = bound_url(server)
+            deadline = time.monotonic() + 10
+            while httpx.get(f"{url}/ready").status_code != 200:
+                assert time.monotonic() < deadline, "router never ready"
+                time.sleep(0.05)
+            yield Stack(url, engine, store, keys)
 
 
 def _until(condition: object, timeout_s: float = 5) -> None:

@@ -25,7 +25,7 @@ from vllm.entrypoints.serve.middleware.register import init_entrypoints_middlewa
 from loraplex.router.backend_client import BackendClient
 from loraplex.serving.vllm_backend import vllm_command, vllm_environment
 from loraplex.settings import ServeSettings
-from tests.unit.registry_helpers import free_port, uvicorn_in_thread
+from tests.unit.registry_helpers import bound_url, uvicorn_in_thread
 
 SECRETS = {
     "LORAPLEX_ADMIN_KEY": "admin-secret-0123",
@@ -146,10 +146,10 @@ def vllm_guarded_server(settings: ServeSettings, monkeypatch: pytest.MonkeyPatch
         middleware=[],
     )
     init_entrypoints_middleware(args, app, supported_tasks=())
-    port = free_port()
-    config = uvicorn.Config(app, port=port, log_level="warning")
-    with uvicorn_in_thread(config, start_timeout_s=30):
-        yield f"http://127.0.0.1:{port}"
+    config = uvicorn.Config(app, port=0, log_level="warning")
+    with uvicorn_in_thread(config) as server:
+        assert server.started, "guarded vLLM server did not start"
+        yield bound_url(server)
 
 
 def test_the_router_client_sends_the_engine_key_and_others_get_401(

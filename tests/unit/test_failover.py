@@ -30,7 +30,7 @@ from loraplex.router.metrics import (
 from loraplex.router.picker import rendezvous_score
 from loraplex.router.tenancy.store import TenancyStore, quotas
 from loraplex.settings import ServeSettings
-from tests.unit.registry_helpers import free_port, uvicorn_in_thread
+from tests.unit.registry_helpers import bound_url, uvicorn_in_thread
 from tests.unit.stub_replica import StubReplica, closed_port_url, stub_replicas
 
 
@@ -204,11 +204,11 @@ def test_a_client_leaving_a_stream_frees_its_replica(tmp_path: Path):
     with stub_replicas("a") as (a,):
         a.event_delay_s = 1.0  # the whole stream would take 3 s
         app = create_app(make_settings(tmp_path), [a.url])
-        port = free_port()
-        config = uvicorn.Config(app, port=port, log_level="error")
-        with uvicorn_in_thread(config, start_timeout_s=30):
+        config = uvicorn.Config(app, port=0, log_level="error")
+        with uvicorn_in_thread(config) as server:
+            assert server.started
             body = {"model": "base", "prompt": "x", "stream": True}
-            url = f"http://127.0.0.1:{port}/v1/completions"
+            url = f"{bound_url(server)}/v1/completions"
             with httpx.stream("POST", url, json=body, timeout=10) as response:
                 lines = response.iter_lines()  # held: a dropped iterator closes the stream
                 assert next(lines).startswith("data: ")

@@ -12,7 +12,7 @@ import pytest
 import uvicorn
 
 from loraplex.router.http_limits import bounded_httptools
-from tests.unit.registry_helpers import free_port, uvicorn_in_thread
+from tests.unit.registry_helpers import uvicorn_in_thread
 
 
 async def _app(scope: dict, receive, send) -> None:  # type: ignore[no-untyped-def]
@@ -26,11 +26,11 @@ async def _app(scope: dict, receive, send) -> None:  # type: ignore[no-untyped-d
 
 @pytest.fixture
 def port() -> Iterator[int]:
-    port = free_port()
     protocol = bounded_httptools(max_head_bytes=64 << 10, head_timeout_s=1.0)
-    config = uvicorn.Config(_app, host="127.0.0.1", port=port, http=protocol, log_level="error")
-    with uvicorn_in_thread(config):
-        yield port
+    config = uvicorn.Config(_app, host="127.0.0.1", port=0, http=protocol, log_level="error")
+    with uvicorn_in_thread(config) as server:
+        assert server.started
+        yield server.servers[0].sockets[0].getsockname()[1]
 
 
 def _exchange(port: int, request: bytes) -> tuple[bytes, float]:

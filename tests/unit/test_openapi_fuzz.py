@@ -19,7 +19,7 @@ import uvicorn
 from loraplex.router.app import create_app
 from loraplex.settings import ServeSettings
 from tests.schemathesis_run import run_schemathesis
-from tests.unit.registry_helpers import free_port, uvicorn_in_thread
+from tests.unit.registry_helpers import bound_url, uvicorn_in_thread
 from tests.unit.stub_replica import stub_replicas
 
 ADMIN = {"Authorization": "Bearer admin-secret"}
@@ -42,14 +42,13 @@ def router(tmp_path: Path) -> Iterator[LiveRouter]:
         health_check_interval_s=3600.0,
         admin_key="admin-secret",
     )
-    port = free_port()
     with stub_replicas("a") as (replica,):
         config = uvicorn.Config(
-            create_app(settings, [replica.url]), host="127.0.0.1", port=port, log_level="error"
+            create_app(settings, [replica.url]), host="127.0.0.1", port=0, log_level="error"
         )
-        with uvicorn_in_thread(config, start_timeout_s=30) as server:
+        with uvicorn_in_thread(config) as server:
             assert server.started
-            url = f"http://127.0.0.1:{port}"
+            url = bound_url(server)
             schema = httpx.get(f"{url}/openapi.json", headers=ADMIN).json()
             yield LiveRouter(url, schema)
 

@@ -29,6 +29,7 @@ from fastapi.responses import PlainTextResponse
 
 from tests.postgres_server import PostgresServer, PostgresUnavailable
 from tests.unit.registry_helpers import (
+    bound_url,
     free_port,
     make_adapter_dir,
     make_base_dir,
@@ -86,12 +87,11 @@ class HoldingBackend:
         self.app = app
 
     def serve(self) -> Iterator[str]:
-        port = free_port()
-        config = uvicorn.Config(self.app, host="127.0.0.1", port=port, log_level="error")
-        with uvicorn_in_thread(config, start_timeout_s=20) as server:
+        config = uvicorn.Config(self.app, host="127.0.0.1", port=0, log_level="error")
+        with uvicorn_in_thread(config) as server:
             assert server.started, "stand-in backend did not start"
             try:
-                yield f"http://127.0.0.1:{port}"
+                yield bound_url(server)
             finally:
                 self.hold = False  # lets held completions finish before the server stops
 
