@@ -8,10 +8,12 @@ times: base model only, uniform over 8 adapters, all on 1 adapter. Timers wrap, 
 - step: the model runner's `execute_model` + `sample_tokens` (one engine step);
 - lora mapping: vLLM's `set_active_loras` (the batch's adapter mapping, slot activation and
   the punica wrapper's `update_metadata`, where loraplex groups tokens into tiles);
-- fused kernel: the C++ call that adds every adapter's delta to one layer's output;
-- lora weights: the per-layer check that the kernel's weight layout is current
-  (`native_weights`: version counters, re-layout after a slot write);
-- lora glue: the rest of `add_lora_linear` (shape checks, views, dispatch);
+- fused kernel: the C++ call that adds every adapter's delta to one layer's output
+  (`NativeKernel.run`);
+- lora weights: preparing a layer's kernel call (`_layer_call`: support checks, weight
+  layout, re-layout after a slot write), on a layer's first step and after a write only;
+- lora glue: the rest of `add_lora_linear` (the prepared call's validity check
+  `LayerCall.current` with the weights' version counters, x and y into the call, dispatch);
 - lm-head/embedding: the checks that skip vLLM's LoRA on those while their weights are zero;
 - base model: what is left: base GEMMs, attention, norms, sampling, input preparation.
 
@@ -102,8 +104,8 @@ def install_timers(timers: StepTimers) -> None:
     GPUModelRunner.execute_model = execute_model  # type: ignore[method-assign]
     GPUModelRunner.sample_tokens = sample_tokens  # type: ignore[method-assign]
     timers.wrap(LoRAModelRunnerMixin, "set_active_loras", "lora mapping")
-    timers.wrap(NativeKernel, "__call__", "fused kernel")
-    timers.wrap(FusedPunicaWrapperCPU, "native_weights", "lora weights")
+    timers.wrap(NativeKernel, "run", "fused kernel")
+    timers.wrap(FusedPunicaWrapperCPU, "_layer_call", "lora weights")
     # Wrapped last so that it encloses the two above; the glue is its total minus theirs.
     timers.wrap(FusedPunicaWrapperCPU, "add_lora_linear", "add_lora_linear")
     timers.wrap(GroupedPunicaWrapperCPU, "add_lora_logits", "lm-head/embedding")

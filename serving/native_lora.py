@@ -25,6 +25,7 @@ import subprocess
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -40,37 +41,43 @@ PAIRED_BF16_CODE = 2
 """bf16 weights in the paired layout, for vdpbf16ps (see the kernel's header comment)."""
 
 
+class Problem(ctypes.Structure):
+    """The kernel's `Problem` struct (grouped_lora.cpp), field for field: one call's
+    operands. A layer's fields are filled once (`LayerCall`); per call only x and y
+    change, and the step's tiles once per step."""
+
+    _fields_ = [
+        ("x", ctypes.c_void_p),
+        ("x_stride", ctypes.c_int64),
+        ("in_dim", ctypes.c_int64),
+        ("y", ctypes.c_void_p),
+        ("y_stride", ctypes.c_int64),
+        ("at", ctypes.c_void_p),
+        ("srp", ctypes.c_int64),
+        ("bt", ctypes.c_void_p),
+        ("rank", ctypes.c_int64),
+        ("width", ctypes.c_int64),
+        ("chunk_col", ctypes.c_void_p),
+        ("chunk_vecs", ctypes.c_void_p),
+        ("chunk_rank_col", ctypes.c_void_p),
+        ("n_chunks", ctypes.c_int64),
+        ("rows", ctypes.c_void_p),
+        ("tile_start", ctypes.c_void_p),
+        ("tile_len", ctypes.c_void_p),
+        ("tile_slot", ctypes.c_void_p),
+        ("n_tiles", ctypes.c_int64),
+        ("scale", ctypes.c_float),
+        ("shrunk", ctypes.c_void_p),
+    ]
+
+
 class NativeKernel:
-    """The loaded library, with its entry point typed once."""
+    """The loaded library, with its entry points typed once."""
 
     def __init__(self, library: ctypes.CDLL) -> None:
-        self._fn = library.lpx_grouped_lora
-        self._fn.restype = ctypes.c_int
-        ptr, i64 = ctypes.c_void_p, ctypes.c_int64
-        self._fn.argtypes = [
-            ctypes.c_int,
-            ptr,
-            i64,
-            i64,
-            ptr,
-            i64,
-            ptr,
-            i64,
-            ptr,
-            i64,
-            i64,
-            ptr,
-            ptr,
-            ptr,
-            i64,
-            ptr,
-            ptr,
-            ptr,
-            ptr,
-            i64,
-            ctypes.c_float,
-            ptr,
-        ]
+        self._run = library.lpx_grouped_lora_problem
+        self._run.restype = ctypes.c_int
+        self._run.argtypes = [ctypes.c_int, ctypes.POINTER(Problem)]
         self.tile_rows = int(library.lpx_tile_rows())
         self.lanes = int(library.lpx_lanes())
         # Output vectors per expand work item: the B layout must match the kernel's.
@@ -80,9 +87,15 @@ class NativeKernel:
         library.lpx_isa.restype = ctypes.c_char_p
         self._layout_slot = library.lpx_layout_slot
         self._layout_slot.restype = ctypes.c_int
-        self._layout_slot.argtypes = [ctypes.c_int, ctypes.c_int, *[i64] * 5, *[ptr] * 5]
+        pointers, sizes = [ctypes.c_void_p] * 5, [ctypes.c_int64] * 5
+        self._layout_slot.argtypes = [ctypes.c_int, ctypes.c_int, *sizes, *pointers]
         self.isa = library.lpx_isa().decode()
         """The widest vector ISA the build targets (avx512bf16, avx512f, avx2, neon)."""
+
+    def run(self, code: int, problem: Any) -> None:
+        """Run one prepared call: `problem` is a `Problem` passed by reference."""
+        if self._run(code, problem) != 0:
+            raise RuntimeError("lpx_grouped_lora_problem: unsupported dtype")
 
     def __call__(
         self,
@@ -93,23 +106,14 @@ class NativeKernel:
         shrunk: torch.Tensor,
     ) -> None:
         """y[rows, :width] += the LoRA delta of each row's slot, in place; `shrunk` is
-        float32 scratch of at least (LoRA rows + tile_rows) x weights.srp."""
-        # Pointer arguments of the layer and the step are packed once (`args`): this
-        # call sits on the per-layer hot path, where Python overhead adds up.
-        status = self._fn(
-            weights.code,
-            x.data_ptr(),
-            x.stride(0),
-            x.shape[1],
-            y.data_ptr(),
-            y.stride(0),
-            *weights.args,
-            *tiles.args,
-            weights.scale,
-            shrunk.data_ptr(),
-        )
-        if status != 0:
-            raise RuntimeError("lpx_grouped_lora: unsupported dtype")
+        float32 scratch of at least (LoRA rows + tile_rows) x weights.srp. The serving
+        path prepares its calls once per layer instead (`LayerCall`)."""
+        problem = weights.problem()
+        tiles.fill(problem)
+        problem.shrunk = shrunk.data_ptr()
+        problem.x, problem.x_stride, problem.in_dim = x.data_ptr(), x.stride(0), x.shape[1]
+        problem.y, problem.y_stride = y.data_ptr(), y.stride(0)
+        self.run(weights.code, ctypes.byref(problem))
 
     def layout_slot(
         self,
@@ -237,16 +241,11 @@ class NativeTiles:
     def num_tiles(self) -> int:
         return self.start.numel()
 
-    @functools.cached_property
-    def args(self) -> tuple[int, ...]:
-        """The kernel's per-step arguments."""
-        return (
-            self.rows.data_ptr(),
-            self.start.data_ptr(),
-            self.length.data_ptr(),
-            self.slot.data_ptr(),
-            self.num_tiles,
-        )
+    def fill(self, problem: Problem) -> None:
+        """Write the step's tile fields into `problem`."""
+        problem.rows, problem.tile_start = self.rows.data_ptr(), self.start.data_ptr()
+        problem.tile_len, problem.tile_slot = self.length.data_ptr(), self.slot.data_ptr()
+        problem.n_tiles = self.num_tiles
 
     @staticmethod
     def from_token_slots(token_slots: torch.Tensor, tile_rows: int) -> NativeTiles | None:
@@ -308,19 +307,19 @@ class NativeLayerWeights:
     written_seq: int = 0
     """The slot-write sequence number (see `prepare_native_weights`) it was written at."""
 
-    @functools.cached_property
-    def args(self) -> tuple[int, ...]:
-        """The kernel's per-layer arguments."""
-        return (
-            self.at.data_ptr(),
-            self.srp,
-            self.bt.data_ptr(),
-            self.rank,
-            self.width,
-            self.chunk_col.data_ptr(),
-            self.chunk_vecs.data_ptr(),
-            self.chunk_rank_col.data_ptr(),
-            self.chunk_col.numel(),
+    def problem(self) -> Problem:
+        """A kernel call's struct with this layer's fields filled in."""
+        return Problem(
+            at=self.at.data_ptr(),
+            srp=self.srp,
+            bt=self.bt.data_ptr(),
+            rank=self.rank,
+            width=self.width,
+            chunk_col=self.chunk_col.data_ptr(),
+            chunk_vecs=self.chunk_vecs.data_ptr(),
+            chunk_rank_col=self.chunk_rank_col.data_ptr(),
+            n_chunks=self.chunk_col.numel(),
+            scale=self.scale,
         )
 
     def native_layout(
@@ -381,6 +380,99 @@ class NativeLayerWeights:
                 target = self.bt[slots, rank * column : rank * column + piece[0].numel()]
                 target.view(piece.shape).copy_(piece)
             offset += width
+
+
+class StepOperands:
+    """What every layer's call shares in one step: the tiles and the scratch buffer."""
+
+    def __init__(self, tiles: NativeTiles, shrunk: torch.Tensor) -> None:
+        self.tiles, self.shrunk = tiles, shrunk
+
+    def fill(self, problem: Problem) -> None:
+        self.tiles.fill(problem)
+        problem.shrunk = self.shrunk.data_ptr()
+
+
+class LayerCall:
+    """One LoRA layer's kernel call, prepared once and reused while it stays valid.
+
+    Checking and packing the kernel's 22 operands on every call cost about as much as a
+    decode step's kernel work (bench/decode_split.py): here the layer's operands sit in a
+    `Problem` filled once, the step's once per step, and a call writes only x and y.
+    `current` is what must hold for the prepared call to be right: the same stacked
+    tensors, none written since (version counters), the same scale, dtypes, shapes and
+    strides the kernel was checked for."""
+
+    __slots__ = (
+        "code",
+        "dtype",
+        "in_dim",
+        "lora_a",
+        "lora_b",
+        "problem",
+        "reference",
+        "scale",
+        "step",
+        "tensors",
+        "versions",
+        "weights",
+        "width",
+    )
+
+    def __init__(
+        self,
+        weights: NativeLayerWeights,
+        lora_a: tuple[torch.Tensor, ...],
+        lora_b: tuple[torch.Tensor, ...],
+        scale: float,
+        dtype: torch.dtype,
+    ) -> None:
+        self.weights, self.code = weights, weights.code
+        self.lora_a, self.lora_b = lora_a, lora_b
+        self.tensors = (*lora_a, *lora_b)
+        self.versions = [t._version for t in self.tensors]
+        self.scale, self.dtype = scale, dtype
+        self.in_dim, self.width = lora_a[0].shape[-1], weights.width
+        self.problem = weights.problem()
+        self.problem.in_dim = self.in_dim
+        self.reference = ctypes.byref(self.problem)
+        self.step: StepOperands | None = None
+
+    def current(
+        self,
+        lora_a: tuple[torch.Tensor, ...],
+        lora_b: tuple[torch.Tensor, ...],
+        scale: float,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        num_tokens: int,
+    ) -> bool:
+        """Whether this prepared call computes y += LoRA(x) for these operands."""
+        return (
+            lora_a is self.lora_a
+            and lora_b is self.lora_b
+            and scale == self.scale
+            and x.dtype is self.dtype
+            and y.dtype is self.dtype
+            and x.size(0) == num_tokens
+            and x.size(1) == self.in_dim
+            and y.size(1) == self.width
+            and x.stride(1) == 1
+            and y.stride(1) == 1
+            and [t._version for t in self.tensors] == self.versions
+        )
+
+    def run(
+        self, kernel: NativeKernel, step: StepOperands, x: torch.Tensor, y: torch.Tensor
+    ) -> None:
+        """y[rows] += the LoRA delta of each row's slot, in place (2-D x and y)."""
+        problem = self.problem
+        if self.step is not step:
+            step.fill(problem)
+            self.step = step
+        problem.x, problem.x_stride = x.data_ptr(), x.stride(0)
+        problem.y, problem.y_stride = y.data_ptr(), y.stride(0)
+        kernel.run(self.code, self.reference)
 
 
 def supports(

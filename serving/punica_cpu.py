@@ -36,8 +36,10 @@ from loraplex.serving.cpu_lora_ops import (
     prepare_weights,
 )
 from loraplex.serving.native_lora import (
+    LayerCall,
     NativeLayerWeights,
     NativeTiles,
+    StepOperands,
     load_kernel,
     prepare_native_weights,
     supports,
@@ -183,8 +185,13 @@ class FusedPunicaWrapperCPU(GroupedPunicaWrapperCPU):
         super().__init__(*args, **kwargs)
         self._kernel = load_kernel()
         self._tiles: NativeTiles | None = None
+        self._step: StepOperands | None = None
         self._native: dict[int, NativeLayerWeights] = {}
+        # One prepared kernel call per LoRA layer, keyed by its B tuple (vLLM passes each
+        # layer's own tuple on every call).
+        self._calls: dict[int, LayerCall] = {}
         self._shrunk = torch.zeros(0)
+        self._widest_srp = 0
 
     def update_metadata(self, *args: Any, **kwargs: Any) -> None:
         super().update_metadata(*args, **kwargs)
@@ -192,6 +199,17 @@ class FusedPunicaWrapperCPU(GroupedPunicaWrapperCPU):
             self._tiles = NativeTiles.from_token_slots(
                 self.token_lora_indices, self._kernel.tile_rows
             )
+            self._step = self._step_operands()
+
+    def _step_operands(self) -> StepOperands | None:
+        """The step's shared operands, with scratch for the widest layer seen so far."""
+        tiles, kernel = self._tiles, self._kernel
+        if tiles is None or kernel is None:
+            return None
+        rows = (tiles.rows.numel() + kernel.tile_rows) * self._widest_srp
+        if self._shrunk.numel() < rows:
+            self._shrunk = torch.zeros(rows)
+        return StepOperands(tiles, self._shrunk)
 
     def add_lora_linear(
         self,
@@ -205,23 +223,51 @@ class FusedPunicaWrapperCPU(GroupedPunicaWrapperCPU):
         buffer: tuple[torch.Tensor, ...] | None = None,
         **kwargs: Any,
     ) -> None:
-        kernel, tiles = self._kernel, self._tiles
+        # Runs once per LoRA layer per step (120 times in a SmolLM2 step): the common case
+        # is one dict lookup, `LayerCall.current` and the C call.
+        kernel, step = self._kernel, self._step
         if kernel is not None and buffer is None:
-            if tiles is None:
+            if step is None:
                 return None  # no token in this step uses a LoRA
-            x2, y2 = x.view(-1, x.shape[-1]), y.view(-1, y.shape[-1])
-            if tiles.num_tokens == x2.size(0) and supports(x2, y2, lora_b_stacked, kernel.lanes):
-                weights = self.native_weights(lora_a_stacked, lora_b_stacked, scale, y.dtype)
-                rows = (tiles.rows.numel() + kernel.tile_rows) * weights.srp
-                if self._shrunk.numel() < rows:
-                    self._shrunk = torch.zeros(rows)
-                kernel(tiles, y2, x2, weights, self._shrunk)
+            x2 = x if x.dim() == 2 else x.view(-1, x.shape[-1])
+            y2 = y if y.dim() == 2 else y.view(-1, y.shape[-1])
+            call = self._calls.get(id(lora_b_stacked))
+            if call is None or not call.current(
+                lora_a_stacked, lora_b_stacked, scale, x2, y2, step.tiles.num_tokens
+            ):
+                call = self._layer_call(x2, y2, lora_a_stacked, lora_b_stacked, scale)
+            if call is not None:
+                call.run(kernel, self._step, x2, y2)  # type: ignore[arg-type]
                 return None
         # No kernel, a caller-owned buffer, rows padded or trimmed beyond the step's
         # mapping, or a layer the kernel does not cover: the grouped torch ops.
         return super().add_lora_linear(
             y, x, lora_a_stacked, lora_b_stacked, scale, output_slices, buffer=buffer, **kwargs
         )
+
+    def _layer_call(
+        self,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        lora_a_stacked: tuple[torch.Tensor, ...],
+        lora_b_stacked: tuple[torch.Tensor, ...],
+        scale: float,
+    ) -> LayerCall | None:
+        """A layer's kernel call prepared (weights laid out for the slots written since),
+        or None when the kernel does not cover this call."""
+        kernel, tiles = self._kernel, self._tiles
+        assert kernel is not None and tiles is not None
+        if tiles.num_tokens != x.size(0) or not supports(x, y, lora_b_stacked, kernel.lanes):
+            return None
+        weights = self.native_weights(lora_a_stacked, lora_b_stacked, scale, y.dtype)
+        call = LayerCall(weights, lora_a_stacked, lora_b_stacked, scale, y.dtype)
+        if x.size(1) != call.in_dim or y.size(1) != call.width:
+            return None
+        self._calls[id(lora_b_stacked)] = call
+        if weights.srp > self._widest_srp:  # more scratch: every call refills its step
+            self._widest_srp = weights.srp
+            self._step = self._step_operands()
+        return call
 
     def native_weights(
         self,

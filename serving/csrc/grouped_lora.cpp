@@ -316,6 +316,20 @@ extern "C" {
 
 // dtype: 0 = float32, 1 = bfloat16, 2 = bfloat16 in the paired layout (only when
 // lpx_bf16_pairs() is 1). Returns 0, or -1 for an unsupported dtype.
+// One pointer instead of 22 arguments: the Python side (native_lora.Problem mirrors the
+// struct) fills a layer's Problem once and updates only x and y per call, because
+// converting 22 ctypes arguments cost more per call than a small decode's kernel work.
+int lpx_grouped_lora_problem(int dtype, const Problem* p) {
+  if (dtype == 0) run<Generic<F32>>(*p);
+  else if (dtype == 1) run<Generic<BF16>>(*p);
+#if defined(__AVX512BF16__)
+  else if (dtype == 2) run<PairedBF16>(*p);
+#endif
+  else return -1;
+  return 0;
+}
+
+// The same with every field as an argument.
 int lpx_grouped_lora(int dtype, const void* x, int64_t x_stride, int64_t in_dim, void* y,
                      int64_t y_stride, const void* at, int64_t srp, const void* bt,
                      int64_t rank, int64_t width, const int32_t* chunk_col,
@@ -328,13 +342,7 @@ int lpx_grouped_lora(int dtype, const void* x, int64_t x_stride, int64_t in_dim,
                   srp,      bt,        rank,           width,    chunk_col,  chunk_vecs,
                   chunk_rank_col, n_chunks, rows, tile_start, tile_len, tile_slot,
                   n_tiles,  scale,     shrunk};
-  if (dtype == 0) run<Generic<F32>>(p);
-  else if (dtype == 1) run<Generic<BF16>>(p);
-#if defined(__AVX512BF16__)
-  else if (dtype == 2) run<PairedBF16>(p);
-#endif
-  else return -1;
-  return 0;
+  return lpx_grouped_lora_problem(dtype, &p);
 }
 
 #if defined(__AVX512BF16__)

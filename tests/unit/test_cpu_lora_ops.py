@@ -244,3 +244,62 @@ def test_embedding_lora_matches_vllm_and_is_skipped_only_while_all_zero(nonzero_
     new.add_lora_embedding(got, x, lora_b, add_inputs=True)
     torch.testing.assert_close(got, expected)
     assert not torch.equal(got, start)
+
+
+def test_one_fused_wrapper_across_steps_reuses_each_layers_call_until_a_write() -> None:
+    """The serving case: one wrapper, many steps, every layer called each step. A layer's
+    prepared kernel call is reused while nothing changed; a slot written in place (with or
+    without vLLM's record of it) and a step with other slots and more tokens still give
+    vLLM's reference result, and a wider layer growing the scratch mid-step leaves every
+    layer's call with room."""
+    # The last slot stays empty: the reference reads it for base tokens (slot -1).
+    layers = {name: _weights(16, *PROJECTIONS[name], torch.float32, True) for name in PROJECTIONS}
+    mapping_ids = list(range(1, MAX_LORAS + 1))
+    fused = FusedPunicaWrapperCPU(4096, 256, "cpu")
+    if fused._kernel is None:
+        pytest.skip("no C++ compiler: the fused kernel cannot be built here")
+    gen = torch.Generator().manual_seed(3)
+
+    def step(slots: list[int]) -> None:
+        mapping = LoRAMapping(tuple(s + 1 for s in slots), tuple(s + 1 for s in slots), False)
+        reference = PunicaWrapperCPU(4096, 256, "cpu")
+        for wrapper in (reference, fused):
+            wrapper.update_metadata(mapping, mapping_ids, MAX_LORAS + 1, 49152)
+        # o_proj (one slice) before qkv_proj (three): the scratch grows within the step.
+        for name in ("o_proj", "qkv_proj", "gate_up_proj", "down_proj"):
+            in_size, slices = PROJECTIONS[name]
+            lora_a, lora_b = layers[name]
+            x = torch.randn(len(slots), in_size, generator=gen)
+            expected, got = (
+                torch.zeros(len(slots), sum(slices)),
+                torch.zeros(len(slots), sum(slices)),
+            )
+            reference.add_lora_linear(expected, x, lora_a, lora_b, 1.0, slices)
+            fused.add_lora_linear(got, x, lora_a, lora_b, 1.0, slices)
+            torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-4, msg=name)
+        tiles = fused._tiles
+        assert tiles is not None
+        for call in fused._calls.values():
+            assert call.step is not None and call.step.tiles is tiles  # this step's rows
+            rows = tiles.rows.numel() + fused._kernel.tile_rows  # type: ignore[union-attr]
+            assert call.step.shrunk.numel() >= rows * call.weights.srp
+
+    step([i % 4 for i in range(6)])
+    first_calls = dict(fused._calls)
+    assert len(first_calls) == len(PROJECTIONS)
+    step([(i % 5) + 2 for i in range(13)])  # other slots, more tokens: same calls
+    assert fused._calls == first_calls
+    # An adapter loaded into slot 3 as vLLM does it: every layer's slot 3 written (zeroed
+    # where the adapter has no weights), and the write recorded.
+    for name, (lora_a, lora_b) in layers.items():
+        for stacked in (*lora_a, *lora_b):
+            stacked[3, 0].normal_(std=0.05) if name != "o_proj" else stacked[3, 0].zero_()
+    fused.slot_writes.record(3)
+    step([3, 5, 5, 3, -1, 0])
+    assert all(first_calls[key] is not call for key, call in fused._calls.items())
+    second_calls = dict(fused._calls)
+    _, down_b = layers["down_proj"]
+    down_b[0][5, 0].normal_()  # a write nobody recorded: every slot of that layer again
+    step([5, 0, 5, -1])
+    rebuilt = {key for key, call in fused._calls.items() if second_calls[key] is not call}
+    assert rebuilt == {id(down_b)}
