@@ -51,6 +51,8 @@ class BackendFailure(Exception):
         answered that its engine died before producing anything."""
         self.detail = detail
         self.retry_after_s = retry_after_s
+        self.unanswered = False
+        """The connection broke before any byte of an answer arrived."""
 
     def as_api_error(self) -> APIError:
         if self.reason == "timeout":
@@ -239,11 +241,13 @@ class _Connection(asyncio.Protocol):
         self.idle_since = 0.0
         self._reading_paused = False
         self._length_known = False
+        self._answer_started = False
 
     def send(self, data: bytes, response: EngineResponse) -> None:
         assert self.transport is not None
         self.response = response
         self._length_known = False
+        self._answer_started = False
         self.transport.write(data)
 
     def close(self) -> None:
@@ -271,6 +275,7 @@ class _Connection(asyncio.Protocol):
         if self.response is None:  # an answer nobody asked for: out of step, drop it
             self.close()
             return
+        self._answer_started = True
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserError as exc:
@@ -286,7 +291,9 @@ class _Connection(asyncio.Protocol):
             response._end()  # a body that ends with the connection (no length, not chunked)
             return
         detail = repr(exc) if exc is not None else "the engine closed the connection"
-        response._fail(BackendFailure("reset", detail))
+        failure = BackendFailure("reset", detail)
+        failure.unanswered = not self._answer_started
+        response._fail(failure)
 
     # ---- httptools callbacks -----------------------------------------------------------
 
@@ -349,7 +356,31 @@ class EngineConnections:
 
     async def post(self, path: str, body: bytes) -> EngineResponse:
         """POST a JSON `body`; returns once the answer's head arrived. Raises
-        BackendFailure."""
+        BackendFailure.
+
+        A request written into a reused connection that breaks before a byte of answer
+        came is sent once more on a new connection: the engine closed that connection
+        while it sat idle (its close was still on the way when the request went out), so
+        it never read the request. Without this a lone replica answered such a request
+        503; with several, the pool sent it elsewhere and counted a retry."""
+        request = b"POST %s HTTP/1.1\r\n%sContent-Length: %d\r\n\r\n%b" % (
+            self._prefix + path.encode(),
+            self._fields,
+            len(body),
+            body,
+        )
+        await self._acquire_slot()
+        reused = self._idle_connection()
+        if reused is not None:
+            try:
+                return await self._exchange(reused, request)
+            except BackendFailure as failure:
+                if failure.reason != "reset" or not failure.unanswered:
+                    raise
+            await self._acquire_slot()  # the failed exchange gave its slot back
+        return await self._exchange(await self._connect_holding_slot(), request)
+
+    async def _acquire_slot(self) -> None:
         if self._slots.locked():  # every connection busy: wait, as long as for an answer
             try:
                 await asyncio.wait_for(self._slots.acquire(), self._timeout_s)
@@ -357,29 +388,28 @@ class EngineConnections:
                 raise BackendFailure("connect", "no free connection to the backend") from None
         else:
             await self._slots.acquire()
-        connection: _Connection | None = None
-        response: EngineResponse | None = None
+
+    async def _connect_holding_slot(self) -> _Connection:
         try:
-            connection = self._idle_connection() or await self._connect()
-            response = EngineResponse(connection, self._timeout_s, self._slots.release)
-            head = b"POST %s HTTP/1.1\r\n%sContent-Length: %d\r\n\r\n" % (
-                self._prefix + path.encode(),
-                self._fields,
-                len(body),
-            )
-            connection.send(head + body, response)  # one write: one wake-up of the engine
+            return await self._connect()
+        except BaseException:
+            self._slots.release()
+            raise
+
+    async def _exchange(self, connection: _Connection, request: bytes) -> EngineResponse:
+        """Send `request` on `connection` (holding a slot) and wait for the answer's head;
+        the slot is the answer's from then on."""
+        response = EngineResponse(connection, self._timeout_s, self._slots.release)
+        try:
+            connection.send(request, response)  # one write: one wake-up of the engine
             while not response._headers_done:
                 await response._wait()
             return response
         except BaseException:
             # Failed, or cancelled (the client left) before the caller holds the answer:
             # close the connection so the engine aborts the request.
-            if connection is not None:
-                connection.close()
-            if response is not None:
-                response._done()
-            else:
-                self._slots.release()
+            connection.close()
+            response._done()
             raise
 
     def _idle_connection(self) -> _Connection | None:
