@@ -283,19 +283,22 @@ void run(const Problem& p) {
 
 // One slot's weights into the layouts above, copying bits (the stacked weights are
 // already in the layout's dtype). a[s]: slice s's A, (rank, in_dim) row-major; b[s]: its
-// B, (widths[s], rank) row-major, as vLLM stacks them. Paired: the interleaved variant.
-template <class T>
-void layout_slot(bool paired, int64_t in_dim, int64_t rank, int64_t srp, int64_t chunk,
-                 int64_t n_slices, const void* const* a, const void* const* b,
-                 const int64_t* widths, void* at, void* bt) {
+// B, (widths[s], rank) row-major, as vLLM stacks them. P = 2: the paired (interleaved)
+// variant, P = 1: plain. The loops run in the layout's memory order, so each written
+// cache line is filled whole and the reads come from `rank` rows (A) or one chunk of B
+// that stay in L1.
+template <class T, int P>
+void layout_slot(int64_t in_dim, int64_t rank, int64_t srp, int64_t chunk, int64_t n_slices,
+                 const void* const* a, const void* const* b, const int64_t* widths, void* at,
+                 void* bt) {
   T* at_out = static_cast<T*>(at);
-  for (int64_t s = 0; s < n_slices; ++s) {
-    const T* as = static_cast<const T*>(a[s]);
-    for (int64_t j = 0; j < rank; ++j) {
-      const int64_t col = s * rank + j;
-      for (int64_t i = 0; i < in_dim; ++i)
-        at_out[paired ? ((i >> 1) * srp + col) * 2 + (i & 1) : i * srp + col] =
-            as[j * in_dim + i];
+  for (int64_t i = 0; i < in_dim; i += P) {
+    T* row = at_out + i * srp;  // paired: input rows i, i + 1 share one row of 2 * srp
+    for (int64_t s = 0; s < n_slices; ++s) {
+      const T* as = static_cast<const T*>(a[s]) + i;
+      T* out = row + s * rank * P;
+      for (int64_t j = 0; j < rank; ++j)
+        for (int p = 0; p < P; ++p) out[j * P + p] = as[j * in_dim + p];
     }
   }
   T* bt_out = static_cast<T*>(bt);
@@ -304,12 +307,22 @@ void layout_slot(bool paired, int64_t in_dim, int64_t rank, int64_t srp, int64_t
     for (int64_t first = 0; first < widths[s]; first += chunk) {
       const int64_t cw = widths[s] - first < chunk ? widths[s] - first : chunk;
       T* block = bt_out + rank * (offset + first);  // (rank, cw) or (rank / 2, cw, 2)
-      for (int64_t c = 0; c < cw; ++c)
-        for (int64_t j = 0; j < rank; ++j)
-          block[paired ? ((j >> 1) * cw + c) * 2 + (j & 1) : j * cw + c] =
-              bs[(first + c) * rank + j];
+      for (int64_t j = 0; j < rank; j += P)
+        for (int64_t c = 0; c < cw; ++c)
+          for (int p = 0; p < P; ++p)
+            block[(j / P * cw + c) * P + p] = bs[(first + c) * rank + j + p];
     }
   }
+}
+
+template <class T>
+void layout_slot(bool paired, int64_t in_dim, int64_t rank, int64_t srp, int64_t chunk,
+                 int64_t n_slices, const void* const* a, const void* const* b,
+                 const int64_t* widths, void* at, void* bt) {
+  if (paired)
+    layout_slot<T, 2>(in_dim, rank, srp, chunk, n_slices, a, b, widths, at, bt);
+  else
+    layout_slot<T, 1>(in_dim, rank, srp, chunk, n_slices, a, b, widths, at, bt);
 }
 
 extern "C" {
