@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -57,6 +58,25 @@ def alive(pid: int) -> bool:
     except OSError:
         return False
     return state != "Z"
+
+
+def stop_serve(process: subprocess.Popen, what: str = "loraplex serve") -> None:
+    """SIGTERM `process` and fail the test if it, or anything it started, outlives 60 s
+    (clean shutdown is part of the contract: no engine left behind)."""
+    family = descendants(process.pid)
+    process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        pytest.fail(f"{what} did not exit within 60 s of SIGTERM")
+    deadline = time.monotonic() + 10
+    while any(alive(pid) for pid in family) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    leftovers = [pid for pid in family if alive(pid)]
+    for pid in leftovers:
+        os.kill(pid, signal.SIGKILL)
+    assert not leftovers, f"processes left after SIGTERM: {leftovers}"
 
 
 @dataclass
@@ -148,18 +168,57 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
         url, f"http://127.0.0.1:{backend_port}", adapters_dir, model_dir, process, log_path, env
     )
     yield server
-    # Clean shutdown is part of the contract: SIGTERM leaves no process behind.
-    family = descendants(process.pid)
-    process.send_signal(signal.SIGTERM)
+    stop_serve(process)
+
+
+@contextmanager
+def router_in_front_of(
+    server: Server,
+    root: Path,
+    database_url: str,
+    adapters_dir: Path,
+    env: dict[str, str] | None = None,
+    flags: tuple[str, ...] = (),
+) -> Iterator[tuple[str, subprocess.Popen, Path]]:
+    """A `loraplex serve --backend-url` router (its own database, adapters folder and
+    `flags`) in front of the session server's engine: (url, process, log), ready, and
+    stopped after. The engine is external to it, so it gets the engine's key."""
+    port = free_port()
+    engine_key = server.engine_environment()["VLLM_API_KEY"]
+    command = [
+        sys.executable,
+        "-m",
+        "loraplex.cli",
+        "serve",
+        "--backend-url",
+        server.backend_url,
+        "--port",
+        str(port),
+        "--database-url",
+        database_url,
+        "--adapters-dir",
+        str(adapters_dir),
+        *flags,
+    ]
+    log_path = root / "router.log"
+    env = dict(os.environ, **(env or {}), LORAPLEX_BACKEND_API_KEY=engine_key)
+    with log_path.open("wb") as log_file:
+        process = subprocess.Popen(command, env=env, stdout=log_file, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
     try:
-        process.wait(timeout=60)
-    except subprocess.TimeoutExpired:
+        while True:
+            assert process.poll() is None, log_path.read_text()[-3000:]
+            try:
+                if httpx.get(f"{url}/ready", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline, log_path.read_text()[-3000:]
+            time.sleep(0.3)
+    except BaseException:
         process.kill()
-        pytest.fail("loraplex serve did not exit within 60 s of SIGTERM")
-    deadline = time.monotonic() + 10
-    while any(alive(pid) for pid in family) and time.monotonic() < deadline:
-        time.sleep(0.5)
-    leftovers = [pid for pid in family if alive(pid)]
-    for pid in leftovers:
-        os.kill(pid, signal.SIGKILL)
-    assert not leftovers, f"processes left after SIGTERM: {leftovers}"
+        process.wait()
+        raise
+    yield url, process, log_path
+    stop_serve(process, "the router")

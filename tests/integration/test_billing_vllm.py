@@ -10,12 +10,8 @@ engine behind a router with tenants (`loraplex serve --backend-url`, its own dat
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import signal
 import socket
-import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -26,7 +22,7 @@ import pytest
 
 from loraplex.database import shared_engine
 from loraplex.router.tenancy.store import TenancyStore
-from tests.integration.conftest import BASE_NAME, Server, free_port
+from tests.integration.conftest import BASE_NAME, Server, router_in_front_of
 from tests.sse import data_events
 
 pytestmark = pytest.mark.integration
@@ -74,44 +70,8 @@ def router(server: Server, tmp_path_factory: pytest.TempPathFactory) -> Iterator
     for tenant in ("billa", "billb", "billc"):
         store.create_tenant(tenant)
         keys[tenant], _ = store.create_key(tenant)
-    engine_key = server.engine_environment()["VLLM_API_KEY"]
-    port = free_port()
-    command = [
-        sys.executable,
-        "-m",
-        "loraplex.cli",
-        "serve",
-        "--backend-url",
-        server.backend_url,
-        "--port",
-        str(port),
-        "--database-url",
-        database_url,
-        "--adapters-dir",
-        str(adapters_dir),
-    ]
-    log_path = root / "router.log"
-    env = dict(os.environ, LORAPLEX_BACKEND_API_KEY=engine_key)
-    with log_path.open("wb") as log_file:
-        process = subprocess.Popen(command, env=env, stdout=log_file, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while True:
-        assert process.poll() is None, log_path.read_text()[-3000:]
-        try:
-            if httpx.get(f"{url}/ready", timeout=2).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        assert time.monotonic() < deadline, log_path.read_text()[-3000:]
-        time.sleep(0.3)
-    yield BillingRouter(url, store, server.backend_url, server.engine_headers, keys)
-    process.send_signal(signal.SIGTERM)
-    try:
-        process.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
+    with router_in_front_of(server, root, database_url, adapters_dir) as (url, _, _):
+        yield BillingRouter(url, store, server.backend_url, server.engine_headers, keys)
 
 
 def _chunks(response: httpx.Response) -> list[dict]:

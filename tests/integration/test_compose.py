@@ -27,7 +27,14 @@ import openai
 import pytest
 
 from tests.integration.conftest import BASE_NAME, free_port
-from tests.integration.test_containers import ENV, IMAGE, podman, podman_problem
+from tests.integration.test_containers import (
+    ENV,
+    IMAGE,
+    greedy_answer,
+    podman,
+    podman_problem,
+    router_ready,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
@@ -37,7 +44,6 @@ BUILD_TIMEOUT_S = 3600  # as test_containers.py: a cached `make image` takes a m
 READY_TIMEOUT_S = 420  # engine start: 1-3 minutes on 2 busy cores
 SCRAPE_TIMEOUT_S = 90  # prometheus.yml scrapes every 15 s
 ADAPTER = "demo/alpha"
-PROMPT = [{"role": "user", "content": "What is the capital of France?"}]
 
 
 def compose_problem() -> str | None:
@@ -240,7 +246,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
             admin_key,
         )
         deadline = time.monotonic() + READY_TIMEOUT_S
-        while not _ready(stack.router_url):
+        while not router_ready(stack.router_url):
             states = {
                 service: podman(
                     "inspect", "--format", "{{.State.Status}}", compose.container(service)
@@ -256,35 +262,21 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         compose.remove_networks()
 
 
-def _ready(url: str) -> bool:
-    try:
-        return httpx.get(f"{url}/ready", timeout=5).status_code == 200
-    except httpx.HTTPError:
-        return False
-
-
-def _answer(client: openai.OpenAI, model: str) -> str:
-    completion = client.chat.completions.create(
-        model=model, messages=PROMPT, max_tokens=16, temperature=0
-    )
-    return completion.choices[0].message.content or ""
-
-
 def test_router_answers_for_the_base_model_and_a_demo_adapter(stack: Stack):
     client = stack.client()
     models = {model.id for model in client.models.list().data}
     assert {BASE_NAME, ADAPTER} <= models, models
-    base = _answer(client, BASE_NAME)
+    base = greedy_answer(client, BASE_NAME)
     assert "Paris" in base, base
     # The adapter, loaded by the engine from the shared volume, changes the answer.
-    assert _answer(client, ADAPTER) != base
+    assert greedy_answer(client, ADAPTER) != base
     with pytest.raises(openai.AuthenticationError):
         stack.client("wrong").models.list()
 
 
 def test_prometheus_scrapes_the_router_with_the_admin_key_and_the_engine_by_dns(stack: Stack):
     # A request of its own, so the test does not depend on the order tests run in.
-    _answer(stack.client(), ADAPTER)
+    greedy_answer(stack.client(), ADAPTER)
     want = {
         'up{job="loraplex-router"}': "1",
         'up{job="loraplex-vllm"}': "1",

@@ -165,7 +165,7 @@ def stack(image: str, server: Server, tmp_path_factory: pytest.TempPathFactory) 
         )
         stack = Stack(backend, router, f"http://127.0.0.1:{port}", admin_key)
         deadline = time.monotonic() + READY_TIMEOUT_S
-        while not _ready(stack.router_url):
+        while not router_ready(stack.router_url):
             states = {
                 n: podman("inspect", "--format", "{{.State.Status}}", n) for n in (backend, router)
             }
@@ -178,14 +178,15 @@ def stack(image: str, server: Server, tmp_path_factory: pytest.TempPathFactory) 
             podman("rm", "--force", "--time", "0", name, check=False)
 
 
-def _ready(url: str) -> bool:
+def router_ready(url: str) -> bool:
     try:
         return httpx.get(f"{url}/ready", timeout=5).status_code == 200
     except httpx.HTTPError:
         return False
 
 
-def _answer(client: openai.OpenAI, model: str) -> str:
+def greedy_answer(client: openai.OpenAI, model: str) -> str:
+    """The model's greedy answer to PROMPT (16 tokens at most)."""
     completion = client.chat.completions.create(
         model=model, messages=PROMPT, max_tokens=16, temperature=0
     )
@@ -195,11 +196,11 @@ def _answer(client: openai.OpenAI, model: str) -> str:
 def test_router_container_answers_like_the_host_server(stack: Stack, server: Server):
     adapter = server.adapter_names[0]
     for model in (server.client.models.list().data[0].id, adapter):
-        expected = _answer(server.client, model)
-        assert _answer(stack.client(), model) == expected, model
+        expected = greedy_answer(server.client, model)
+        assert greedy_answer(stack.client(), model) == expected, model
     # The adapter really took part: it answers differently from the base model.
     base = server.client.models.list().data[0].id
-    assert _answer(stack.client(), adapter) != _answer(stack.client(), base)
+    assert greedy_answer(stack.client(), adapter) != greedy_answer(stack.client(), base)
     # The admin key from the mounted file is required.
     with pytest.raises(openai.AuthenticationError):
         openai.OpenAI(

@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -32,9 +31,8 @@ from tests.integration.conftest import (
     BASE_NAME,
     START_TIMEOUT_S,
     Server,
-    alive,
-    descendants,
     free_port,
+    stop_serve,
 )
 from tests.sse import adata_events
 
@@ -111,20 +109,7 @@ def replicas(server: Server, tmp_path_factory: pytest.TempPathFactory) -> Iterat
         process.kill()
         raise
     yield Replicas(url, engine_urls, process, log_path)
-    family = descendants(process.pid)
-    process.send_signal(signal.SIGTERM)
-    try:
-        process.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        pytest.fail("loraplex serve --replicas 2 did not exit within 60 s of SIGTERM")
-    deadline = time.monotonic() + 10
-    while any(alive(pid) for pid in family) and time.monotonic() < deadline:
-        time.sleep(0.5)
-    leftovers = [pid for pid in family if alive(pid)]
-    for pid in leftovers:
-        os.kill(pid, signal.SIGKILL)
-    assert not leftovers, f"processes left after SIGTERM: {leftovers}"
+    stop_serve(process, "loraplex serve --replicas 2")
 
 
 def wait_until(condition, timeout_s: float, process=None, log_path=None) -> None:  # type: ignore[no-untyped-def]

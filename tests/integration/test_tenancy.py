@@ -5,9 +5,7 @@ and keys made with the `loraplex` CLI, and a real Prometheus server scraping it.
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import signal
 import subprocess
 import sys
 import threading
@@ -20,7 +18,7 @@ import httpx
 import openai
 import pytest
 
-from tests.integration.conftest import BASE_NAME, Server, free_port
+from tests.integration.conftest import BASE_NAME, Server, free_port, router_in_front_of
 
 pytestmark = pytest.mark.integration
 
@@ -82,56 +80,15 @@ def router(server: Server, tmp_path_factory: pytest.TempPathFactory) -> Iterator
         shutil.copytree(
             server.adapters_dir / source, server.adapters_dir / name, dirs_exist_ok=True
         )
-    port = free_port()
-    log_path = root / "router.log"
-    router = TenantRouter(
-        f"http://127.0.0.1:{port}",
-        f"sqlite:///{root}/loraplex.db",
-        log_path,
-        None,  # type: ignore[arg-type]
-    )
+    database_url = f"sqlite:///{root}/loraplex.db"
+    router = TenantRouter("", database_url, root / "router.log", None)  # type: ignore[arg-type]
     for tenant in ("acme", "globex", "limited", "metrics"):
         router.cli("tenants", "create", tenant)
-    # The session server's engine is external to this router: it needs the engine's key.
-    engine_key = server.engine_environment()["VLLM_API_KEY"]
-    env = dict(os.environ, LORAPLEX_ADMIN_KEY=ADMIN_KEY, LORAPLEX_BACKEND_API_KEY=engine_key)
-    command = [
-        sys.executable,
-        "-m",
-        "loraplex.cli",
-        "serve",
-        "--backend-url",
-        server.backend_url,
-        "--port",
-        str(port),
-        "--database-url",
-        router.database_url,
-        "--adapters-dir",
-        str(adapters_dir),
-        "--log-level",
-        "debug",
-    ]
-    with log_path.open("wb") as log_file:
-        router.process = subprocess.Popen(
-            command, env=env, stdout=log_file, stderr=subprocess.STDOUT
-        )
-    deadline = time.monotonic() + 60
-    while True:
-        assert router.process.poll() is None, log_path.read_text()[-3000:]
-        try:
-            if httpx.get(f"{router.url}/ready", timeout=2).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        assert time.monotonic() < deadline, log_path.read_text()[-3000:]
-        time.sleep(0.3)
-    yield router
-    router.process.send_signal(signal.SIGTERM)
-    try:
-        router.process.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        router.process.kill()
-        router.process.wait()
+    admin = {"LORAPLEX_ADMIN_KEY": ADMIN_KEY}
+    flags = ("--log-level", "debug")
+    with router_in_front_of(server, root, database_url, adapters_dir, admin, flags) as started:
+        router.url, router.process, _ = started
+        yield router
 
 
 def _error(response: httpx.Response) -> tuple[int, str, str | None]:
