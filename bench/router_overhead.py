@@ -8,7 +8,8 @@ table and writes JSON. Two measurements:
   base model and the demo adapters; ratio router/direct.
 - added latency: sequential 1-token requests, router minus direct, p50 and p95;
 - router-only overhead: the same sequential requests against an instant stub backend
-  (bench/stub_backend.py), where engine jitter cannot hide or fake the difference.
+  (bench/stub_backend.py), where engine jitter cannot hide or fake the difference;
+  the last row sends them with a tenant's API key to a router with tenants (SQLite).
 
 Usage: python bench/router_overhead.py [--requests 64] [--tokens 64] [--concurrency 16]
 """
@@ -84,14 +85,16 @@ async def throughput_round(url: str, models: list[str], args: argparse.Namespace
     return {"tok_s": tokens / elapsed, "p50_s": percentile(latencies, 0.5)}
 
 
-def added_latency(direct: str, router: str, models: list[str], count: int) -> list[float]:
+def added_latency(
+    direct: str, router: str, models: list[str], count: int, headers: dict[str, str] = AUTH
+) -> list[float]:
     """Per-pair difference of sequential 1-token requests (router minus direct), in ms.
 
     The order inside a pair alternates: the first request after an idle moment pays
     the engine's wake-up, which would otherwise be charged to one path only.
     """
     differences = []
-    with httpx.Client(timeout=60, headers=AUTH) as client:
+    with httpx.Client(timeout=60, headers=headers) as client:
         for index in range(count):
             body = {"model": models[index % len(models)], "prompt": "Hi", "max_tokens": 1}
             timings = {}
@@ -110,22 +113,59 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def stub_overhead(models: list[str], adapters_dir: Path, count: int) -> tuple[list[float], float]:
+def tenant_key(database_url: str, tenant: str) -> str:
+    """A new API key of `tenant` (created with the tenant) in `database_url`, via the CLI."""
+    cli = [sys.executable, "-m", "loraplex.cli"]
+    subprocess.run(
+        [*cli, "tenants", "create", tenant, "--database-url", database_url],
+        check=True,
+        capture_output=True,
+    )
+    created = subprocess.run(
+        [*cli, "keys", "create", "--tenant", tenant, "--database-url", database_url],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    return created.stdout.strip()
+
+
+def stub_overhead(
+    models: list[str], adapters_dir: Path, count: int, tenants_db: Path | None = None
+) -> tuple[list[float], float]:
     """Router-minus-direct latency against an instant stub backend, in ms, and the router
-    process's CPU time per request in ms (less sensitive to a busy machine than latency)."""
-    with stub_and_router("--adapters-dir", str(adapters_dir)) as (stub, router, process):
-        added_latency(stub, router, models, 50)  # warm both paths
+    process's CPU time per request in ms (less sensitive to a busy machine than latency).
+
+    With `tenants_db` the router runs with tenants (a SQLite database) and the requests
+    carry a key of tenant `demo`, which owns the demo adapters: the key lookup and the
+    quota bookkeeping are in the measured path."""
+    flags, headers = ["--adapters-dir", str(adapters_dir)], AUTH
+    if tenants_db is not None:
+        tenants_db.unlink(missing_ok=True)
+        database_url = f"sqlite:///{tenants_db}"
+        headers = {"Authorization": f"Bearer {tenant_key(database_url, 'demo')}"}
+        flags += ["--database-url", database_url]
+    with stub_and_router(*flags) as (stub, router, process):
+        added_latency(stub, router, models, 50, headers)  # warm both paths
         before = cpu_seconds(process.pid)
-        differences = added_latency(stub, router, models, count)
+        differences = added_latency(stub, router, models, count, headers)
         return differences, (cpu_seconds(process.pid) - before) * 1000 / count
 
 
 def stub_report(models: list[str], adapters_dir: Path, samples: int) -> dict:
     """Router-only overhead for the mixed models, then base model and one adapter alone
-    (the adapter path resolves and rewrites names; the base path does not). Printed."""
+    (the adapter path resolves and rewrites names; the base path does not), then that
+    adapter with a tenant's key (key lookup and quota bookkeeping). Printed."""
     report = {}
-    for label, subset in (("mixed", models), ("base", models[:1]), ("adapter", models[1:2])):
-        differences, cpu_ms = stub_overhead(subset, adapters_dir, samples)
+    tenants_db = adapters_dir.parent / "router-overhead-tenants.db"
+    rows = (
+        ("mixed", models, None),
+        ("base", models[:1], None),
+        ("adapter", models[1:2], None),
+        ("tenant_adapter", models[1:2], tenants_db),
+    )
+    for label, subset, database in rows:
+        differences, cpu_ms = stub_overhead(subset, adapters_dir, samples, database)
         p50, p95 = percentile(differences, 0.5), percentile(differences, 0.95)
         report |= {f"stub_{label}_added_ms_p50": p50, f"stub_{label}_added_ms_p95": p95}
         report[f"stub_{label}_router_cpu_ms"] = cpu_ms
