@@ -9,7 +9,8 @@ table and writes JSON. Two measurements:
 - added latency: sequential 1-token requests, router minus direct, p50 and p95;
 - router-only overhead: the same sequential requests against an instant stub backend
   (bench/stub_backend.py), where engine jitter cannot hide or fake the difference;
-  the last row sends them with a tenant's API key to a router with tenants (SQLite).
+  the last rows send them with a tenant's API key to a router with tenants (SQLite),
+  without and with quotas.
 
 Usage: python bench/router_overhead.py [--requests 64] [--tokens 64] [--concurrency 16]
 """
@@ -113,14 +114,24 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def tenant_key(database_url: str, tenant: str) -> str:
-    """A new API key of `tenant` (created with the tenant) in `database_url`, via the CLI."""
+def tenant_key(database_url: str, tenant: str, quotas: bool = False) -> str:
+    """A new API key of `tenant` (created with the tenant) in `database_url`, via the CLI;
+    `quotas`: limits the run never reaches on every kind (requests, tokens, concurrency),
+    so each request is admitted and settled through the database."""
     cli = [sys.executable, "-m", "loraplex.cli"]
     subprocess.run(
         [*cli, "tenants", "create", tenant, "--database-url", database_url],
         check=True,
         capture_output=True,
     )
+    if quotas:
+        limits = ["--requests-per-minute", "1000000", "--tokens-per-minute", "100000000"]
+        limits += ["--max-concurrent", "1000", "--database-url", database_url]
+        subprocess.run(
+            [*cli, "quotas", "set", "--tenant", tenant, *limits],
+            check=True,
+            capture_output=True,
+        )
     created = subprocess.run(
         [*cli, "keys", "create", "--tenant", tenant, "--database-url", database_url],
         check=True,
@@ -131,19 +142,24 @@ def tenant_key(database_url: str, tenant: str) -> str:
 
 
 def stub_overhead(
-    models: list[str], adapters_dir: Path, count: int, tenants_db: Path | None = None
+    models: list[str],
+    adapters_dir: Path,
+    count: int,
+    tenants_db: Path | None = None,
+    quotas: bool = False,
 ) -> tuple[list[float], float]:
     """Router-minus-direct latency against an instant stub backend, in ms, and the router
     process's CPU time per request in ms (less sensitive to a busy machine than latency).
 
     With `tenants_db` the router runs with tenants (a SQLite database) and the requests
     carry a key of tenant `demo`, which owns the demo adapters: the key lookup and the
-    quota bookkeeping are in the measured path."""
+    quota bookkeeping are in the measured path (`quotas`: with limits set, so every
+    request is admitted and settled with database writes)."""
     flags, headers = ["--adapters-dir", str(adapters_dir)], AUTH
     if tenants_db is not None:
         tenants_db.unlink(missing_ok=True)
         database_url = f"sqlite:///{tenants_db}"
-        headers = {"Authorization": f"Bearer {tenant_key(database_url, 'demo')}"}
+        headers = {"Authorization": f"Bearer {tenant_key(database_url, 'demo', quotas)}"}
         flags += ["--database-url", database_url]
     with stub_and_router(*flags) as (stub, router, process):
         added_latency(stub, router, models, 50, headers)  # warm both paths
@@ -155,17 +171,19 @@ def stub_overhead(
 def stub_report(models: list[str], adapters_dir: Path, samples: int) -> dict:
     """Router-only overhead for the mixed models, then base model and one adapter alone
     (the adapter path resolves and rewrites names; the base path does not), then that
-    adapter with a tenant's key (key lookup and quota bookkeeping). Printed."""
+    adapter with a tenant's key (key lookup and the quota check), then with quotas set
+    (admission and settlement write to the database). Printed."""
     report = {}
     tenants_db = adapters_dir.parent / "router-overhead-tenants.db"
     rows = (
-        ("mixed", models, None),
-        ("base", models[:1], None),
-        ("adapter", models[1:2], None),
-        ("tenant_adapter", models[1:2], tenants_db),
+        ("mixed", models, None, False),
+        ("base", models[:1], None, False),
+        ("adapter", models[1:2], None, False),
+        ("tenant_adapter", models[1:2], tenants_db, False),
+        ("tenant_quota_adapter", models[1:2], tenants_db, True),
     )
-    for label, subset, database in rows:
-        differences, cpu_ms = stub_overhead(subset, adapters_dir, samples, database)
+    for label, subset, database, quotas in rows:
+        differences, cpu_ms = stub_overhead(subset, adapters_dir, samples, database, quotas)
         p50, p95 = percentile(differences, 0.5), percentile(differences, 0.95)
         report |= {f"stub_{label}_added_ms_p50": p50, f"stub_{label}_added_ms_p95": p95}
         report[f"stub_{label}_router_cpu_ms"] = cpu_ms
