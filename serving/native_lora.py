@@ -109,8 +109,7 @@ class NativeKernel:
         float32 scratch of at least (LoRA rows + tile_rows) x weights.srp. The serving
         path prepares its calls once per layer instead (`LayerCall`)."""
         problem = weights.problem()
-        tiles.fill(problem)
-        problem.shrunk = shrunk.data_ptr()
+        StepOperands(tiles, shrunk).fill(problem)
         problem.x, problem.x_stride, problem.in_dim = x.data_ptr(), x.stride(0), x.shape[1]
         problem.y, problem.y_stride = y.data_ptr(), y.stride(0)
         self.run(weights.code, ctypes.byref(problem))

@@ -342,22 +342,6 @@ int lpx_grouped_lora_problem(int dtype, const Problem* p) {
   return 0;
 }
 
-// The same with every field as an argument.
-int lpx_grouped_lora(int dtype, const void* x, int64_t x_stride, int64_t in_dim, void* y,
-                     int64_t y_stride, const void* at, int64_t srp, const void* bt,
-                     int64_t rank, int64_t width, const int32_t* chunk_col,
-                     const int32_t* chunk_vecs, const int32_t* chunk_rank_col,
-                     int64_t n_chunks, const int32_t* rows,
-                     const int32_t* tile_start, const int32_t* tile_len,
-                     const int32_t* tile_slot, int64_t n_tiles, float scale,
-                     float* shrunk) {
-  const Problem p{x,        x_stride,  in_dim,         y,        y_stride,   at,
-                  srp,      bt,        rank,           width,    chunk_col,  chunk_vecs,
-                  chunk_rank_col, n_chunks, rows, tile_start, tile_len, tile_slot,
-                  n_tiles,  scale,     shrunk};
-  return lpx_grouped_lora_problem(dtype, &p);
-}
-
 #if defined(__AVX512BF16__)
 int lpx_bf16_pairs() { return 1; }
 #else
