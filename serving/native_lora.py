@@ -71,6 +71,35 @@ class Problem(ctypes.Structure):
     ]
 
 
+MAX_SLICES = 4
+"""Slices per LoRA layer a `LayoutJob` holds (the C++ side's MAX_SLICES; vLLM stacks 3)."""
+
+
+class LayoutJob(ctypes.Structure):
+    """The kernel's `LayoutJob` struct (grouped_lora.cpp), field for field: where one
+    layer's stacked weights and layout start and how many bytes each slot takes, so one
+    prepared array lays out any slot of every layer in one call (`lpx_layout_slots`)."""
+
+    _fields_ = [
+        ("elem_bytes", ctypes.c_int64),
+        ("paired", ctypes.c_int64),
+        ("in_dim", ctypes.c_int64),
+        ("rank", ctypes.c_int64),
+        ("srp", ctypes.c_int64),
+        ("chunk", ctypes.c_int64),
+        ("n_slices", ctypes.c_int64),
+        ("a", ctypes.c_void_p * MAX_SLICES),
+        ("b", ctypes.c_void_p * MAX_SLICES),
+        ("a_slot_bytes", ctypes.c_int64 * MAX_SLICES),
+        ("b_slot_bytes", ctypes.c_int64 * MAX_SLICES),
+        ("widths", ctypes.c_int64 * MAX_SLICES),
+        ("at", ctypes.c_void_p),
+        ("bt", ctypes.c_void_p),
+        ("at_slot_bytes", ctypes.c_int64),
+        ("bt_slot_bytes", ctypes.c_int64),
+    ]
+
+
 class NativeKernel:
     """The loaded library, with its entry points typed once."""
 
@@ -89,6 +118,9 @@ class NativeKernel:
         self._layout_slot.restype = ctypes.c_int
         pointers, sizes = [ctypes.c_void_p] * 5, [ctypes.c_int64] * 5
         self._layout_slot.argtypes = [ctypes.c_int, ctypes.c_int, *sizes, *pointers]
+        self._layout_slots = library.lpx_layout_slots
+        self._layout_slots.restype = ctypes.c_int
+        self._layout_slots.argtypes = [ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64]
         self.isa = library.lpx_isa().decode()
         """The widest vector ISA the build targets (avx512bf16, avx512f, avx2, neon)."""
 
@@ -144,6 +176,12 @@ class NativeKernel:
         )
         if status != 0:
             raise RuntimeError("lpx_layout_slot: unsupported element size")
+
+    def layout_slots(self, jobs: ctypes.Array, slot: int) -> None:
+        """Copy `slot` of every job's stacked weights into its layer's layout, in one call
+        (`NativeLayerWeights.layout_job` prepares a job)."""
+        if self._layout_slots(len(jobs), ctypes.addressof(jobs), slot) != 0:
+            raise RuntimeError("lpx_layout_slots: unsupported element size or slice count")
 
 
 def _slot_pointer(t: torch.Tensor, slot: int) -> int:
@@ -330,6 +368,33 @@ class NativeLayerWeights:
             t.is_contiguous() and t.dtype == self.at.dtype for t in (*lora_a, *lora_b)
         ) and all(t.shape[-2] == self.rank for t in lora_a)
 
+    def layout_job(
+        self, lora_a: tuple[torch.Tensor, ...], lora_b: tuple[torch.Tensor, ...]
+    ) -> LayoutJob | None:
+        """This layer's slot copy for `NativeKernel.layout_slots`, or None when the C++
+        copy cannot lay these weights out (`native_layout`) or they have too many slices."""
+        if len(lora_a) > MAX_SLICES or not self.native_layout(lora_a, lora_b):
+            return None
+        job = LayoutJob(
+            elem_bytes=self.at.element_size(),
+            paired=int(self.paired),
+            in_dim=lora_a[0].shape[-1],
+            rank=self.rank,
+            srp=self.srp,
+            chunk=self.chunk,
+            n_slices=len(lora_a),
+            at=self.at.data_ptr(),
+            bt=self.bt.data_ptr(),
+            at_slot_bytes=self.at.stride(0) * self.at.element_size(),
+            bt_slot_bytes=self.bt.stride(0) * self.bt.element_size(),
+        )
+        for index, (a, b) in enumerate(zip(lora_a, lora_b, strict=True)):
+            job.a[index], job.b[index] = a.data_ptr(), b.data_ptr()
+            job.a_slot_bytes[index] = a.stride(0) * a.element_size()
+            job.b_slot_bytes[index] = b.stride(0) * b.element_size()
+            job.widths[index] = b.shape[2]
+        return job
+
     def lay_out(
         self,
         kernel: NativeKernel,
@@ -406,6 +471,7 @@ class LayerCall:
         "code",
         "dtype",
         "in_dim",
+        "layout_job",
         "lora_a",
         "lora_b",
         "problem",
@@ -436,6 +502,7 @@ class LayerCall:
         self.problem.in_dim = self.in_dim
         self.reference = ctypes.byref(self.problem)
         self.step: StepOperands | None = None
+        self.layout_job = weights.layout_job(lora_a, lora_b)
 
     def current(
         self,
@@ -460,6 +527,17 @@ class LayerCall:
             and y.stride(1) == 1
             and [t._version for t in self.tensors] == self.versions
         )
+
+    def unwritten(self) -> bool:
+        """Whether no stacked tensor was written since the call was prepared or last laid out."""
+        return [t._version for t in self.tensors] == self.versions
+
+    def mark_laid_out(self, seq: int) -> None:
+        """The layout now matches the stacked tensors as they are, up to slot write `seq`
+        (`lpx_layout_slots` copied the slot vLLM just wrote): the call stays valid."""
+        self.versions = [t._version for t in self.tensors]
+        self.weights.versions = tuple(self.versions)
+        self.weights.written_seq = seq
 
     def run(
         self, kernel: NativeKernel, step: StepOperands, x: torch.Tensor, y: torch.Tensor

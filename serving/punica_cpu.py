@@ -37,6 +37,7 @@ from loraplex.serving.cpu_lora_ops import (
 )
 from loraplex.serving.native_lora import (
     LayerCall,
+    LayoutJob,
     NativeLayerWeights,
     NativeTiles,
     StepOperands,
@@ -49,8 +50,9 @@ from loraplex.serving.native_lora import (
 
 @functools.cache
 def watch_slot_writes() -> None:
-    """Make vLLM's LoRA model manager record in its punica wrappers' `slot_writes` each
-    slot it loads an adapter into.
+    """Make vLLM's LoRA model manager tell its punica wrappers each slot it loads an
+    adapter into: recorded in their `slot_writes`, and laid out at once by the fused
+    wrapper (`after_slot_write`).
 
     `activate_adapter` is where vLLM writes a slot: it zeroes or fills that slot of every
     LoRA layer (`reset_lora` / `set_lora`) and nothing else writes the stacked weights
@@ -61,16 +63,36 @@ def watch_slot_writes() -> None:
 
     @functools.wraps(activate)
     def activate_adapter(self: LoRAModelManager, lora_id: int) -> bool:
+        if lora_id in self._active_adapters:  # every step, for every adapter in the batch
+            return activate(self, lora_id)
+        wrappers = [
+            wrapper
+            for wrapper in self.punica_wrapper_mapping.values()
+            if isinstance(wrapper, GroupedPunicaWrapperCPU)
+        ]
+        before = [wrapper.before_slot_write() for wrapper in wrappers]
         activated = activate(self, lora_id)
         if activated:
             slot = self.lora_index_to_id.index(lora_id)
-            for wrapper in self.punica_wrapper_mapping.values():
-                writes = getattr(wrapper, "slot_writes", None)
-                if isinstance(writes, SlotWrites):
-                    writes.record(slot)
+            for wrapper, state in zip(wrappers, before, strict=True):
+                wrapper.slot_writes.record(slot)
+                wrapper.after_slot_write(slot, state)
         return activated
 
     LoRAModelManager.activate_adapter = activate_adapter  # type: ignore[method-assign]
+
+
+def _holds_nonzero(weights: torch.Tensor) -> bool:
+    """Whether any bit of `weights` is set, read 8 bytes at a time where the tensor
+    allows (about 10x faster than a bfloat16 `any()` on an LM head's 1.5 MB slot). A
+    -0.0 counts as non-zero: the LoRA op then runs and adds nothing, which is still right."""
+    size = weights.element_size()
+    if (
+        weights.is_contiguous()
+        and (weights.numel() * size) % 8 == (weights.storage_offset() * size) % 8 == 0
+    ):
+        return bool(weights.reshape(-1).view(torch.int64).any())
+    return bool(weights.any())
 
 
 class GroupedPunicaWrapperCPU(PunicaWrapperCPU):
@@ -90,6 +112,15 @@ class GroupedPunicaWrapperCPU(PunicaWrapperCPU):
     def update_metadata(self, *args: Any, **kwargs: Any) -> None:
         super().update_metadata(*args, **kwargs)
         self._groups = LoRAGroups.from_token_slots(self.token_lora_indices)
+
+    def before_slot_write(self) -> Any:
+        """Called just before vLLM writes an adapter into a slot; what it returns is
+        handed to `after_slot_write`. The grouped torch ops prepare lazily: nothing."""
+        return None
+
+    def after_slot_write(self, slot: int, before: Any) -> None:
+        """Called once vLLM wrote `slot` and `slot_writes` recorded it."""
+        return None
 
     def add_lora_linear(
         self,
@@ -170,7 +201,7 @@ class GroupedPunicaWrapperCPU(PunicaWrapperCPU):
         else:  # first look, or a write that was not recorded: every slot
             nonzero, slots = [False] * lora_b_stacked.shape[0], range(lora_b_stacked.shape[0])
         for slot in slots:
-            nonzero[slot] = bool(lora_b_stacked[slot].any())
+            nonzero[slot] = _holds_nonzero(lora_b_stacked[slot])
         self._nonzero[pointer] = (version, writes.seq, nonzero)
         return any(nonzero)
 
@@ -200,6 +231,34 @@ class FusedPunicaWrapperCPU(GroupedPunicaWrapperCPU):
                 self.token_lora_indices, self._kernel.tile_rows
             )
             self._step = self._step_operands()
+
+    def before_slot_write(self) -> tuple[list[LayerCall], list[LayerCall]]:
+        """The prepared layer calls laid out at the latest recorded write, split into
+        those no stacked tensor was written to since (current: copying the slot about to
+        be written brings them up to date) and those written to without a record."""
+        seq, current, unrecorded = self.slot_writes.seq, [], []
+        for call in self._calls.values():
+            if call.weights.written_seq == seq:
+                (current if call.unwritten() else unrecorded).append(call)
+        return current, unrecorded
+
+    def after_slot_write(self, slot: int, before: tuple[list[LayerCall], list[LayerCall]]) -> None:
+        """Lay out `slot` of every layer that was current before the write, in one C++
+        call, where vLLM writes the slot: the next forward then reuses every prepared call
+        instead of re-laying out each layer in Python (about 45 us a layer, 120 layers
+        for SmolLM2). A layer written to without a record is left to re-lay out every
+        slot on its next call (`_layer_call`), as are layers the torch ops lay out."""
+        kernel, seq = self._kernel, self.slot_writes.seq
+        current, unrecorded = before
+        for call in unrecorded:  # no recorded write after `seq`: its next call copies all
+            call.weights.written_seq = seq
+        native = [call for call in current if call.layout_job is not None]
+        if kernel is None or not native:
+            return
+        jobs = (LayoutJob * len(native))(*(call.layout_job for call in native))
+        kernel.layout_slots(jobs, slot)
+        for call in native:
+            call.mark_laid_out(seq)
 
     def _step_operands(self) -> StepOperands | None:
         """The step's shared operands, with scratch for the widest layer seen so far."""

@@ -7,7 +7,7 @@
 // weight is read once per group of rows, intermediate results stay in registers or
 // a small float buffer, and no zero padding is multiplied.
 //
-// Layouts (written per slot by lpx_layout_slot when vLLM writes that slot, then reused):
+// Layouts (written per slot by lpx_layout_slot(s) when vLLM writes that slot, then reused):
 //   at    (slots, in_dim, srp)  every slice's A^T side by side along the rank,
 //                               zero-padded to srp (multiple of 16)
 //   chunks: output column ranges of at most 2 vectors, never crossing a slice:
@@ -325,6 +325,20 @@ void layout_slot(bool paired, int64_t in_dim, int64_t rank, int64_t srp, int64_t
     layout_slot<T, 1>(in_dim, rank, srp, chunk, n_slices, a, b, widths, at, bt);
 }
 
+// One LoRA layer's slot copy for lpx_layout_slots: the stacked tensors' and the layout's
+// slot-0 addresses and bytes per slot, so one array prepared per wrapper serves every
+// slot write (native_lora.LayoutJob mirrors it field for field).
+constexpr int MAX_SLICES = 4;  // vLLM stacks at most q, k, v (3) in one LoRA layer
+struct LayoutJob {
+  int64_t elem_bytes, paired, in_dim, rank, srp, chunk, n_slices;
+  const char* a[MAX_SLICES];
+  const char* b[MAX_SLICES];
+  int64_t a_slot_bytes[MAX_SLICES], b_slot_bytes[MAX_SLICES], widths[MAX_SLICES];
+  char* at;
+  char* bt;
+  int64_t at_slot_bytes, bt_slot_bytes;
+};
+
 extern "C" {
 
 // dtype: 0 = float32, 1 = bfloat16, 2 = bfloat16 in the paired layout (only when
@@ -359,6 +373,38 @@ int lpx_layout_slot(int elem_bytes, int paired, int64_t in_dim, int64_t rank, in
   else
     return -1;
   return 0;
+}
+
+// Lays out `slot` of every job's layer (one call per adapter load, where vLLM writes the
+// slot, instead of one Python call per layer on the next forward). Returns 0, or -1 when
+// a job has an unsupported element size or too many slices (those layers are skipped).
+int lpx_layout_slots(int64_t n_jobs, const LayoutJob* jobs, int64_t slot) {
+  int failed = 0;
+  #pragma omp parallel for schedule(dynamic) reduction(max : failed)
+  for (int64_t i = 0; i < n_jobs; ++i) {
+    const LayoutJob& job = jobs[i];
+    if (job.n_slices < 1 || job.n_slices > MAX_SLICES) {
+      failed = 1;
+      continue;
+    }
+    const void* a[MAX_SLICES];
+    const void* b[MAX_SLICES];
+    for (int64_t s = 0; s < job.n_slices; ++s) {
+      a[s] = job.a[s] + slot * job.a_slot_bytes[s];
+      b[s] = job.b[s] + slot * job.b_slot_bytes[s];
+    }
+    void* at = job.at + slot * job.at_slot_bytes;
+    void* bt = job.bt + slot * job.bt_slot_bytes;
+    if (job.elem_bytes == 4)
+      layout_slot<uint32_t>(job.paired != 0, job.in_dim, job.rank, job.srp, job.chunk,
+                            job.n_slices, a, b, job.widths, at, bt);
+    else if (job.elem_bytes == 2)
+      layout_slot<uint16_t>(job.paired != 0, job.in_dim, job.rank, job.srp, job.chunk,
+                            job.n_slices, a, b, job.widths, at, bt);
+    else
+      failed = 1;
+  }
+  return failed ? -1 : 0;
 }
 
 int lpx_tile_rows() { return TILE; }

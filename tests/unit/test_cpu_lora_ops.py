@@ -3,9 +3,12 @@ vLLM's reference ops."""
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 from vllm.lora.layers.utils import LoRAMapping
+from vllm.lora.model_manager import LoRAModelManager
 from vllm.lora.punica_wrapper.punica_cpu import PunicaWrapperCPU
 
 from loraplex.serving.cpu_lora_ops import LoRAGroups
@@ -246,6 +249,38 @@ def test_embedding_lora_matches_vllm_and_is_skipped_only_while_all_zero(nonzero_
     assert not torch.equal(got, start)
 
 
+def _step(fused: FusedPunicaWrapperCPU, layers: dict, slots: list[int], gen) -> None:
+    """One engine step through every layer: the fused wrapper's result equals vLLM's
+    reference ops for the tokens' `slots` (-1: base model), and every prepared call got
+    this step's rows and enough scratch."""
+    mapping = LoRAMapping(tuple(s + 1 for s in slots), tuple(s + 1 for s in slots), False)
+    reference = PunicaWrapperCPU(4096, 256, "cpu")
+    for wrapper in (reference, fused):
+        wrapper.update_metadata(mapping, list(range(1, MAX_LORAS + 1)), MAX_LORAS + 1, 49152)
+    # o_proj (one slice) before qkv_proj (three): the scratch grows within the step.
+    for name in ("o_proj", "qkv_proj", "gate_up_proj", "down_proj"):
+        in_size, slices = PROJECTIONS[name]
+        lora_a, lora_b = layers[name]
+        x = torch.randn(len(slots), in_size, generator=gen)
+        expected, got = torch.zeros(len(slots), sum(slices)), torch.zeros(len(slots), sum(slices))
+        reference.add_lora_linear(expected, x, lora_a, lora_b, 1.0, slices)
+        fused.add_lora_linear(got, x, lora_a, lora_b, 1.0, slices)
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-4, msg=name)
+    tiles = fused._tiles
+    assert tiles is not None
+    for call in fused._calls.values():
+        assert call.step is not None and call.step.tiles is tiles  # this step's rows
+        rows = tiles.rows.numel() + fused._kernel.tile_rows  # type: ignore[union-attr]
+        assert call.step.shrunk.numel() >= rows * call.weights.srp
+
+
+def _fused_wrapper() -> FusedPunicaWrapperCPU:
+    fused = FusedPunicaWrapperCPU(4096, 256, "cpu")
+    if fused._kernel is None:
+        pytest.skip("no C++ compiler: the fused kernel cannot be built here")
+    return fused
+
+
 def test_one_fused_wrapper_across_steps_reuses_each_layers_call_until_a_write() -> None:
     """The serving case: one wrapper, many steps, every layer called each step. A layer's
     prepared kernel call is reused while nothing changed; a slot written in place (with or
@@ -254,52 +289,88 @@ def test_one_fused_wrapper_across_steps_reuses_each_layers_call_until_a_write() 
     layer's call with room."""
     # The last slot stays empty: the reference reads it for base tokens (slot -1).
     layers = {name: _weights(16, *PROJECTIONS[name], torch.float32, True) for name in PROJECTIONS}
-    mapping_ids = list(range(1, MAX_LORAS + 1))
-    fused = FusedPunicaWrapperCPU(4096, 256, "cpu")
-    if fused._kernel is None:
-        pytest.skip("no C++ compiler: the fused kernel cannot be built here")
-    gen = torch.Generator().manual_seed(3)
-
-    def step(slots: list[int]) -> None:
-        mapping = LoRAMapping(tuple(s + 1 for s in slots), tuple(s + 1 for s in slots), False)
-        reference = PunicaWrapperCPU(4096, 256, "cpu")
-        for wrapper in (reference, fused):
-            wrapper.update_metadata(mapping, mapping_ids, MAX_LORAS + 1, 49152)
-        # o_proj (one slice) before qkv_proj (three): the scratch grows within the step.
-        for name in ("o_proj", "qkv_proj", "gate_up_proj", "down_proj"):
-            in_size, slices = PROJECTIONS[name]
-            lora_a, lora_b = layers[name]
-            x = torch.randn(len(slots), in_size, generator=gen)
-            expected, got = (
-                torch.zeros(len(slots), sum(slices)),
-                torch.zeros(len(slots), sum(slices)),
-            )
-            reference.add_lora_linear(expected, x, lora_a, lora_b, 1.0, slices)
-            fused.add_lora_linear(got, x, lora_a, lora_b, 1.0, slices)
-            torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-4, msg=name)
-        tiles = fused._tiles
-        assert tiles is not None
-        for call in fused._calls.values():
-            assert call.step is not None and call.step.tiles is tiles  # this step's rows
-            rows = tiles.rows.numel() + fused._kernel.tile_rows  # type: ignore[union-attr]
-            assert call.step.shrunk.numel() >= rows * call.weights.srp
-
-    step([i % 4 for i in range(6)])
+    fused, gen = _fused_wrapper(), torch.Generator().manual_seed(3)
+    _step(fused, layers, [i % 4 for i in range(6)], gen)
     first_calls = dict(fused._calls)
     assert len(first_calls) == len(PROJECTIONS)
-    step([(i % 5) + 2 for i in range(13)])  # other slots, more tokens: same calls
+    _step(fused, layers, [(i % 5) + 2 for i in range(13)], gen)  # other slots, more tokens
     assert fused._calls == first_calls
-    # An adapter loaded into slot 3 as vLLM does it: every layer's slot 3 written (zeroed
-    # where the adapter has no weights), and the write recorded.
+    # Slot 3 written in place and the write recorded, without vLLM's activate_adapter
+    # (which lays the slot out at once): every layer re-lays out on its next call.
     for name, (lora_a, lora_b) in layers.items():
         for stacked in (*lora_a, *lora_b):
             stacked[3, 0].normal_(std=0.05) if name != "o_proj" else stacked[3, 0].zero_()
     fused.slot_writes.record(3)
-    step([3, 5, 5, 3, -1, 0])
+    _step(fused, layers, [3, 5, 5, 3, -1, 0], gen)
     assert all(first_calls[key] is not call for key, call in fused._calls.items())
     second_calls = dict(fused._calls)
     _, down_b = layers["down_proj"]
     down_b[0][5, 0].normal_()  # a write nobody recorded: every slot of that layer again
-    step([5, 0, 5, -1])
+    _step(fused, layers, [5, 0, 5, -1], gen)
     rebuilt = {key for key, call in fused._calls.items() if second_calls[key] is not call}
+    assert rebuilt == {id(down_b)}
+
+
+class _StackedLoRALayer:
+    """What a vLLM LoRA layer does when the model manager writes a slot: `set_lora`
+    copies an adapter's weights into that slot of its stacked tensors, `reset_lora`
+    zeroes the slot for an adapter without weights for this layer."""
+
+    def __init__(self, lora_a: tuple[torch.Tensor, ...], lora_b: tuple[torch.Tensor, ...]):
+        self.lora_a, self.lora_b = lora_a, lora_b
+
+    def set_lora(self, index: int, lora_a: list, lora_b: list) -> None:
+        for stacked, weights in zip((*self.lora_a, *self.lora_b), (*lora_a, *lora_b), strict=True):
+            stacked[index, 0].copy_(weights)
+
+    def reset_lora(self, index: int) -> None:
+        for stacked in (*self.lora_a, *self.lora_b):
+            stacked[index] = 0
+
+
+def _adapter(lora_id: int, layers: dict, without: str) -> SimpleNamespace:
+    """A LoRA model with random weights for every layer but `without`."""
+    weights = {
+        name: SimpleNamespace(
+            lora_a=[torch.randn(t.shape[2:]) * 0.05 for t in lora_a],
+            lora_b=[torch.randn(t.shape[2:]) * 0.05 for t in lora_b],
+        )
+        for name, (lora_a, lora_b) in layers.items()
+        if name != without
+    }
+    return SimpleNamespace(id=lora_id, get_lora=weights.get)
+
+
+def test_an_adapter_load_lays_out_its_slot_where_vllm_writes_it() -> None:
+    """vLLM's own `activate_adapter` loading adapters into free slots: the wrapper copies
+    the written slot of every layer during the load (one C++ call), so the next step
+    reuses every prepared call and still equals vLLM's reference ops. A layer written
+    without a record before a load is not trusted: its next call re-lays out every slot."""
+    layers = {name: _weights(16, *PROJECTIONS[name], torch.float32, True) for name in PROJECTIONS}
+    fused, gen = _fused_wrapper(), torch.Generator().manual_seed(5)
+    manager = object.__new__(LoRAModelManager)  # what activate_adapter reads
+    manager.lora_index_to_id = [1, 2, 3, None, 5, 6, 7, None]  # slot 7 stays empty
+    manager._active_adapters = {i: None for i in manager.lora_index_to_id if i is not None}
+    manager._registered_adapters = {
+        9: _adapter(9, layers, without="o_proj"),
+        10: _adapter(10, layers, without="qkv_proj"),
+    }
+    manager.modules = {name: _StackedLoRALayer(*weights) for name, weights in layers.items()}
+    manager.punica_wrapper_mapping = {"language_model": fused}
+    manager.is_pooling_model = False
+    _step(fused, layers, [0, 1, 2, 4, 5, 6], gen)
+    calls = dict(fused._calls)
+
+    assert manager.activate_adapter(9) and manager.lora_index_to_id[3] == 9
+    assert not bool(layers["o_proj"][1][0][3].any())  # reset: no weights in the adapter
+    _step(fused, layers, [3, 5, 5, 3, -1, 0], gen)
+    assert all(calls[key] is call for key, call in fused._calls.items())  # none rebuilt
+
+    _, down_b = layers["down_proj"]
+    down_b[0][5, 0].normal_()  # written without a record, before the next load
+    manager.lora_index_to_id[1] = None  # adapter 2 deactivated as vLLM does it
+    del manager._active_adapters[2]
+    assert manager.activate_adapter(10) and manager.lora_index_to_id[1] == 10
+    _step(fused, layers, [1, 5, 5, 1, 3, -1], gen)  # slot 5 must show the unrecorded write
+    rebuilt = {key for key, call in fused._calls.items() if calls[key] is not call}
     assert rebuilt == {id(down_b)}

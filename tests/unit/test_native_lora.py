@@ -211,6 +211,40 @@ def test_a_recorded_slot_write_re_lays_out_only_that_slot(kernel, dtype, paired)
 @pytest.mark.parametrize(
     ("dtype", "paired"), [(torch.float32, False), (torch.bfloat16, False), (torch.bfloat16, True)]
 )
+def test_one_call_lays_out_a_written_slot_of_every_layer(kernel, dtype, paired) -> None:
+    """`lpx_layout_slots` (what an adapter load runs, one call for all layers) writes the
+    written slot of each layer exactly as a fresh layout would, and no other slot: layers
+    of one, two and three slices, ranks 8 and 16, a chunk narrower than the kernel's."""
+    shapes = [(96, (80, 48), 16), (64, (32,), 8), (128, (64, 32, 48), 16)]
+    layers = [
+        _case([0, 1, 2, 3], n, widths, rank, dtype, seed=i)
+        for i, (n, widths, rank) in enumerate(shapes)
+    ]
+    laid_out = [_fresh(kernel, a, b, paired) for a, b, _, _ in layers]
+    for (lora_a, lora_b, _, _), weights in zip(layers, laid_out, strict=True):
+        for stacked in (*lora_a, *lora_b):
+            stacked[2] = torch.randn(stacked.shape[1:]).to(dtype)
+        weights.at[3].fill_(7)  # not written: must stay
+    jobs = [w.layout_job(a, b) for (a, b, _, _), w in zip(layers, laid_out, strict=True)]
+    assert all(job is not None for job in jobs)
+    kernel.layout_slots((native_lora.LayoutJob * len(jobs))(*jobs), 2)
+    for (lora_a, lora_b, _, _), weights in zip(layers, laid_out, strict=True):
+        expected = _fresh(kernel, lora_a, lora_b, paired)
+        assert torch.equal(weights.at[:3], expected.at[:3])
+        assert torch.equal(weights.bt, expected.bt)
+        assert bool((weights.at[3] == 7).all())
+
+
+def test_weights_the_c_copy_cannot_lay_out_get_no_layout_job(kernel) -> None:
+    """float32 stacked weights served in bfloat16 are laid out by torch ops: no C job."""
+    lora_a, lora_b, _, _ = _case([0, 1], 96, (64,), 16, torch.float32)
+    weights = prepare_native_weights(kernel, lora_a, lora_b, 0.75, torch.bfloat16)
+    assert weights.layout_job(lora_a, lora_b) is None
+
+
+@pytest.mark.parametrize(
+    ("dtype", "paired"), [(torch.float32, False), (torch.bfloat16, False), (torch.bfloat16, True)]
+)
 def test_the_c_layout_copy_equals_the_torch_layout(kernel, dtype, paired) -> None:
     """The C++ slot copy and the torch ops (used for weights in another dtype or
     strided) write the same layout: ranks 8 and 16, three slices, a narrow last chunk."""
