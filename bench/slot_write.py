@@ -1,15 +1,20 @@
 """Cost of one adapter slot write in loraplex's fused CPU LoRA path, without an engine.
 
-When vLLM loads an adapter into a slot it writes that slot of every LoRA layer; on the
-next step the fused kernel's wrapper re-lays out the layer weights and re-checks whether
-the LM head's LoRA weights are all zero. This times that work for every LoRA layer of
-the embedded base model (seven projections x its decoder layers), in one process, two
-ways on the same tensors:
+When vLLM loads an adapter into a slot it writes that slot of every LoRA layer; the
+fused kernel's wrapper must then bring each layer's weight layout up to date and
+re-check whether the LM head's LoRA weights are all zero. This times that work for every
+LoRA layer of the embedded base model (seven projections x its decoder layers), in one
+process, three ways on the same tensors:
 
-- recorded: the write is recorded as vLLM's model manager records it (only that slot
-  is copied and checked again);
-- unrecorded: the wrapper only sees the tensors' version counters move, as before slot
-  writes were recorded (every slot is copied and checked again).
+- at the write: what an adapter load runs now. vLLM's `activate_adapter` tells the
+  wrapper before and after it writes (`before_slot_write` / `after_slot_write`), which
+  copies that slot of every layer in one C++ call (`lpx_layout_slots`); the first step
+  after only checks that each layer is current;
+- recorded: the write is recorded but the layout is left to the first step after it,
+  one Python call per layer copying that slot (the path before `lpx_layout_slots`, kept
+  for layers that were not current before the write);
+- unrecorded: the wrapper only sees the tensors' version counters move (every slot is
+  copied and checked again).
 
 Prints the per-write milliseconds, wall and process CPU (median of --writes), and their
 ratio, and writes JSON.
@@ -31,7 +36,7 @@ import torch
 from bench_common import machine
 
 from loraplex.base_model import pull_embedded_model
-from loraplex.serving.native_lora import kernel_path, load_kernel, use_bf16_pairs
+from loraplex.serving.native_lora import LayerCall, kernel_path, load_kernel, use_bf16_pairs
 from loraplex.serving.punica_cpu import FusedPunicaWrapperCPU
 
 
@@ -79,19 +84,38 @@ def main() -> int:
         wrapper._any_nonzero(lm_head_b)
         return 1000 * (time.perf_counter() - started), 1000 * (time.process_time() - cpu)
 
+    def prepare_calls() -> None:
+        """Each layer's kernel call prepared and current, as after a forward."""
+        for lora_a, lora_b in layers:
+            weights = wrapper.native_weights(lora_a, lora_b, 1.0, dtype)
+            wrapper._calls[id(lora_b)] = LayerCall(weights, lora_a, lora_b, 1.0, dtype)
+
     step()  # first layout of every slot, not timed
-    times: dict[str, list[float]] = {"recorded": [], "unrecorded": []}
-    cpu_times: dict[str, list[float]] = {"recorded": [], "unrecorded": []}
-    for write in range(2 * args.writes):
-        way = ("recorded", "unrecorded")[write % 2]
+    ways = ("at the write", "recorded", "unrecorded")
+    times: dict[str, list[float]] = {way: [] for way in ways}
+    cpu_times: dict[str, list[float]] = {way: [] for way in ways}
+    for write in range(len(ways) * args.writes):
+        way = ways[write % len(ways)]
         slot = write % args.max_loras
+        if way == "at the write":
+            prepare_calls()
+            started, cpu = time.perf_counter(), time.process_time()
+            before = wrapper.before_slot_write()
+            before_ms = 1000 * (time.perf_counter() - started), 1000 * (time.process_time() - cpu)
         for lora_a, lora_b in layers:  # what vLLM's set_lora does to each layer
             for stacked in (*lora_a, *lora_b):
                 stacked[slot].normal_()
         lm_head_b[slot].zero_()
-        if way == "recorded":
+        if way != "unrecorded":
             wrapper.slot_writes.record(slot)
-        wall, cpu = step()
+        if way == "at the write":
+            started, cpu = time.perf_counter(), time.process_time()
+            wrapper.after_slot_write(slot, before)
+            at_write = 1000 * (time.perf_counter() - started), 1000 * (time.process_time() - cpu)
+            wall, cpu = step()
+            wall, cpu = wall + before_ms[0] + at_write[0], cpu + before_ms[1] + at_write[1]
+        else:
+            wall, cpu = step()
         times[way].append(wall)
         cpu_times[way].append(cpu)
     medians = {way: statistics.median(values) for way, values in times.items()}
@@ -111,6 +135,10 @@ def main() -> int:
         "median_cpu_ms": cpu_medians,
         "ratio_unrecorded_to_recorded": medians["unrecorded"] / medians["recorded"],
         "cpu_ratio_unrecorded_to_recorded": cpu_medians["unrecorded"] / cpu_medians["recorded"],
+        "ratio_recorded_to_at_the_write": medians["recorded"] / medians["at the write"],
+        "cpu_ratio_recorded_to_at_the_write": (
+            cpu_medians["recorded"] / cpu_medians["at the write"]
+        ),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2) + "\n")
@@ -121,12 +149,14 @@ def main() -> int:
     for way, values in times.items():
         runs = ", ".join(f"{value:.1f}" for value in values)
         print(
-            f"{way:>10}: median {medians[way]:.1f} ms wall, {cpu_medians[way]:.1f} ms CPU "
+            f"{way:>12}: median {medians[way]:.1f} ms wall, {cpu_medians[way]:.1f} ms CPU "
             f"per write (wall: {runs})"
         )
     print(
         f"unrecorded / recorded: {results['ratio_unrecorded_to_recorded']:.1f}x wall, "
-        f"{results['cpu_ratio_unrecorded_to_recorded']:.1f}x CPU"
+        f"{results['cpu_ratio_unrecorded_to_recorded']:.1f}x CPU; recorded / at the write: "
+        f"{results['ratio_recorded_to_at_the_write']:.1f}x wall, "
+        f"{results['cpu_ratio_recorded_to_at_the_write']:.1f}x CPU"
     )
     return 0
 
