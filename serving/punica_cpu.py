@@ -21,6 +21,7 @@ every slot's.
 from __future__ import annotations
 
 import functools
+import logging
 from collections.abc import Iterable
 from typing import Any
 
@@ -46,6 +47,8 @@ from loraplex.serving.native_lora import (
     supports,
     use_bf16_pairs,
 )
+
+log = logging.getLogger(__name__)
 
 
 @functools.cache
@@ -259,6 +262,9 @@ class FusedPunicaWrapperCPU(GroupedPunicaWrapperCPU):
         kernel.layout_slots(jobs, slot)
         for call in native:
             call.mark_laid_out(seq)
+        log.debug(
+            "loraplex: laid out slot %d of %d LoRA layers where vLLM wrote it", slot, len(native)
+        )
 
     def _step_operands(self) -> StepOperands | None:
         """The step's shared operands, with scratch for the widest layer seen so far."""
