@@ -7,7 +7,8 @@ worker and replica sharing the database enforces one limit together.
 - Tokens are known only when a response ends, so they are charged then: the request that
   crosses the limit completes, and later ones get 429 until the debt has refilled.
 - Concurrent requests are leases (one row per running request), released when the
-  response ends; a lease of a worker that died lapses after `lease_s`.
+  response ends; a lease of a worker that died lapses after `lease_s` (it stops counting
+  then, and is deleted by the next settlement of that quota).
 
 Each admission locks the tenant's quota rows first (an UPDATE: a row lock on PostgreSQL,
 the write lock on SQLite), so two workers never both take the last unit.
@@ -43,6 +44,8 @@ class Admission:
 
     token_quota_ids: list[int] = field(default_factory=list)
     lease_ids: list[int] = field(default_factory=list)
+    lease_quota_ids: list[int] = field(default_factory=list)
+    """The concurrency quotas its leases count against (their lapsed leases go at settle)."""
 
 
 # The quotas that apply to one request: the tenant's own ("" adapter) and the one for the
@@ -52,8 +55,21 @@ _APPLIES = (quotas.c.tenant_id == sa.bindparam("for_tenant")) & (
     (quotas.c.adapter == "") | (quotas.c.adapter == sa.bindparam("for_adapter"))
 )
 _ANY_QUOTA = sa.select(quotas.c.id).where(_APPLIES).limit(1)
-_LOCK_QUOTAS = quotas.update().where(_APPLIES).values(request_tat=quotas.c.request_tat)
-_QUOTA_ROWS = sa.select(quotas).where(_APPLIES).order_by(quotas.c.id)
+# Locks the rows (a no-op write) and reads them in one statement (RETURNING: SQLite 3.35+,
+# PostgreSQL); each statement costs the router ~0.1 ms of SQLAlchemy work on SQLite.
+_LOCK_AND_READ = (
+    quotas.update().where(_APPLIES).values(request_tat=quotas.c.request_tat).returning(*quotas.c)
+)
+# Leases that have not lapsed; lapsed ones are deleted at settle (see `settle`).
+_LIVE_LEASES = sa.select(sa.func.count()).where(
+    quota_leases.c.quota_id == sa.bindparam("quota_id"),
+    quota_leases.c.expires_at > sa.bindparam("now"),
+)
+_SET_REQUEST_TAT = (
+    quotas.update()
+    .where(quotas.c.id == sa.bindparam("quota_id"))
+    .values(request_tat=sa.bindparam("new_tat"))
+)
 
 
 def quota_adapter_name(model: str) -> str:
@@ -107,16 +123,9 @@ class QuotaLedger:
             if conn.execute(_ANY_QUOTA, which).first() is None:
                 return None
         with self.engine.begin() as conn:
-            # Lock first (see module docstring), then read the state the lock protects.
-            conn.execute(_LOCK_QUOTAS, which)
-            rows = conn.execute(_QUOTA_ROWS, which).all()
+            # Lock first (see module docstring): the state read is the state the lock protects.
+            rows = sorted(conn.execute(_LOCK_AND_READ, which).all(), key=lambda row: row.id)
             now = self.clock()
-            ids = [row.id for row in rows]
-            conn.execute(
-                quota_leases.delete().where(
-                    quota_leases.c.quota_id.in_(ids), quota_leases.c.expires_at <= now
-                )
-            )
             new_request_tats: dict[int, float] = {}
             for row in rows:
                 scope = f" for {row.adapter}" if row.adapter else ""
@@ -131,9 +140,8 @@ class QuotaLedger:
                         row.tokens_per_minute, row.token_tat, now, worst_case_tokens, scope
                     )
                 if row.max_concurrent:
-                    running = conn.execute(
-                        sa.select(sa.func.count()).where(quota_leases.c.quota_id == row.id)
-                    ).scalar_one()
+                    live = {"quota_id": row.id, "now": now}
+                    running = conn.execute(_LIVE_LEASES, live).scalar_one()
                     if running >= row.max_concurrent:
                         raise QuotaExceeded(
                             "max_concurrent",
@@ -152,7 +160,7 @@ class QuotaLedger:
                         )
                     new_request_tats[row.id] = new_tat
             for quota_id, tat in new_request_tats.items():
-                conn.execute(quotas.update().where(quotas.c.id == quota_id).values(request_tat=tat))
+                conn.execute(_SET_REQUEST_TAT, {"quota_id": quota_id, "new_tat": tat})
             admission = Admission([row.id for row in rows if row.tokens_per_minute])
             token = uuid.uuid4().hex
             for row in rows:
@@ -163,10 +171,13 @@ class QuotaLedger:
                         )
                     )
                     admission.lease_ids.append(int(result.inserted_primary_key[0]))
+                    admission.lease_quota_ids.append(row.id)
             return admission
 
     def settle(self, admission: Admission, tokens: int) -> None:
-        """Charge the tokens a request used and release its concurrency leases."""
+        """Charge the tokens a request used and release its concurrency leases, with any
+        lapsed lease of the same quotas (a worker that died never settles its own; they
+        no longer count at admission, and go here rather than in every admission)."""
         if not admission.lease_ids and not (tokens and admission.token_quota_ids):
             return
         with self.engine.begin() as conn:
@@ -180,6 +191,9 @@ class QuotaLedger:
                     .values(token_tat=start + (tokens * PERIOD_S) / quotas.c.tokens_per_minute)
                 )
             if admission.lease_ids:
+                lapsed = quota_leases.c.quota_id.in_(admission.lease_quota_ids) & (
+                    quota_leases.c.expires_at <= self.clock()
+                )
                 conn.execute(
-                    quota_leases.delete().where(quota_leases.c.id.in_(admission.lease_ids))
+                    quota_leases.delete().where(quota_leases.c.id.in_(admission.lease_ids) | lapsed)
                 )

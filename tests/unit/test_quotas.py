@@ -6,10 +6,11 @@ from __future__ import annotations
 import multiprocessing
 
 import pytest
+import sqlalchemy as sa
 
 from loraplex.database import create_db_engine
 from loraplex.router.tenancy.quotas import QuotaExceeded, QuotaLedger
-from loraplex.router.tenancy.store import TenancyStore
+from loraplex.router.tenancy.store import TenancyStore, quota_leases, quotas
 from tests.unit.tenancy_helpers import Clock, migrated_store
 
 
@@ -108,6 +109,35 @@ def test_concurrency_leases_release_and_lapse(
     clock.now += 601
     ledger.admit(1, "base")
     ledger.admit(1, "base")
+
+
+def test_lapsed_leases_are_deleted_when_the_quota_next_settles(
+    store: TenancyStore, ledger: QuotaLedger, clock: Clock
+) -> None:
+    """Leases of a worker that died stop counting once lapsed and do not pile up: the next
+    settlement of that quota deletes them with its own lease (and no other quota's)."""
+    store.set_quota("acme", max_concurrent=2)
+    store.set_quota("globex", max_concurrent=1)
+    for _ in range(2):
+        ledger.admit(1, "base")  # never settled: the worker died
+    ledger.admit(2, "base")  # another tenant's running request
+    clock.now += 601
+    admission = ledger.admit(1, "base")
+    assert admission is not None
+    assert _leases(store) == {1: 3, 2: 1}
+    ledger.settle(admission, 0)
+    assert _leases(store) == {2: 1}
+
+
+def _leases(store: TenancyStore) -> dict[int, int]:
+    """Lease rows per tenant id."""
+    with store.engine.connect() as conn:
+        rows = conn.execute(
+            sa.select(quotas.c.tenant_id, sa.func.count())
+            .select_from(quota_leases.join(quotas))
+            .group_by(quotas.c.tenant_id)
+        ).all()
+    return {tenant_id: count for tenant_id, count in rows}
 
 
 def test_per_adapter_quota_applies_to_that_adapter_and_its_versions(
