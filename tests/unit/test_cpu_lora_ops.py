@@ -341,15 +341,11 @@ def _adapter(lora_id: int, layers: dict, without: str) -> SimpleNamespace:
     return SimpleNamespace(id=lora_id, get_lora=weights.get)
 
 
-def test_an_adapter_load_lays_out_its_slot_where_vllm_writes_it() -> None:
-    """vLLM's own `activate_adapter` loading adapters into free slots: the wrapper copies
-    the written slot of every layer during the load (one C++ call), so the next step
-    reuses every prepared call and still equals vLLM's reference ops. A layer written
-    without a record before a load is not trusted: its next call re-lays out every slot."""
-    layers = {name: _weights(16, *PROJECTIONS[name], torch.float32, True) for name in PROJECTIONS}
-    fused, gen = _fused_wrapper(), torch.Generator().manual_seed(5)
-    manager = object.__new__(LoRAModelManager)  # what activate_adapter reads
-    manager.lora_index_to_id = [1, 2, 3, None, 5, 6, 7, None]  # slot 7 stays empty
+def _manager(fused: FusedPunicaWrapperCPU, layers: dict) -> LoRAModelManager:
+    """vLLM's LoRA model manager with what `activate_adapter` reads: slots 0-6 hold
+    adapters 1-7 except slot 3 (free), slot 7 stays empty; adapters 9 and 10 registered."""
+    manager = object.__new__(LoRAModelManager)
+    manager.lora_index_to_id = [1, 2, 3, None, 5, 6, 7, None]
     manager._active_adapters = {i: None for i in manager.lora_index_to_id if i is not None}
     manager._registered_adapters = {
         9: _adapter(9, layers, without="o_proj"),
@@ -358,6 +354,17 @@ def test_an_adapter_load_lays_out_its_slot_where_vllm_writes_it() -> None:
     manager.modules = {name: _StackedLoRALayer(*weights) for name, weights in layers.items()}
     manager.punica_wrapper_mapping = {"language_model": fused}
     manager.is_pooling_model = False
+    return manager
+
+
+def test_an_adapter_load_lays_out_its_slot_where_vllm_writes_it() -> None:
+    """vLLM's own `activate_adapter` loading adapters into free slots: the wrapper copies
+    the written slot of every layer during the load (one C++ call), so the next step
+    reuses every prepared call and still equals vLLM's reference ops. A layer written
+    without a record before a load is not trusted: its next call re-lays out every slot."""
+    layers = {name: _weights(16, *PROJECTIONS[name], torch.float32, True) for name in PROJECTIONS}
+    fused, gen = _fused_wrapper(), torch.Generator().manual_seed(5)
+    manager = _manager(fused, layers)
     _step(fused, layers, [0, 1, 2, 4, 5, 6], gen)
     calls = dict(fused._calls)
 
@@ -374,3 +381,21 @@ def test_an_adapter_load_lays_out_its_slot_where_vllm_writes_it() -> None:
     _step(fused, layers, [1, 5, 5, 1, 3, -1], gen)  # slot 5 must show the unrecorded write
     rebuilt = {key for key, call in fused._calls.items() if calls[key] is not call}
     assert rebuilt == {id(down_b)}
+
+
+def test_a_failed_layout_at_the_write_leaves_the_load_to_the_forward(monkeypatch) -> None:
+    """If the C++ copy refused the layers at the write, the adapter still loads, and each
+    layer lays the slot out on its next call instead: results still equal vLLM's ops."""
+    layers = {name: _weights(16, *PROJECTIONS[name], torch.float32, True) for name in PROJECTIONS}
+    fused, gen = _fused_wrapper(), torch.Generator().manual_seed(7)
+    manager = _manager(fused, layers)
+    _step(fused, layers, [0, 1, 2, 4, 5, 6], gen)
+    calls = dict(fused._calls)
+
+    def refuse(jobs, slot):
+        raise RuntimeError("lpx_layout_slots: unsupported element size or slice count")
+
+    monkeypatch.setattr(fused._kernel, "layout_slots", refuse)
+    assert manager.activate_adapter(9) and manager.lora_index_to_id[3] == 9
+    _step(fused, layers, [3, 5, 5, 3, -1, 0], gen)
+    assert all(calls[key] is not call for key, call in fused._calls.items())  # all rebuilt
