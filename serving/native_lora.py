@@ -114,10 +114,6 @@ class NativeKernel:
         # Built for a CPU with AVX512-BF16: bf16 layers use the paired layout.
         self.bf16_pairs = bool(library.lpx_bf16_pairs())
         library.lpx_isa.restype = ctypes.c_char_p
-        self._layout_slot = library.lpx_layout_slot
-        self._layout_slot.restype = ctypes.c_int
-        pointers, sizes = [ctypes.c_void_p] * 5, [ctypes.c_int64] * 5
-        self._layout_slot.argtypes = [ctypes.c_int, ctypes.c_int, *sizes, *pointers]
         self._layout_slots = library.lpx_layout_slots
         self._layout_slots.restype = ctypes.c_int
         self._layout_slots.argtypes = [ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64]
@@ -146,46 +142,12 @@ class NativeKernel:
         problem.y, problem.y_stride = y.data_ptr(), y.stride(0)
         self.run(weights.code, ctypes.byref(problem))
 
-    def layout_slot(
-        self,
-        weights: NativeLayerWeights,
-        lora_a: tuple[torch.Tensor, ...],
-        lora_b: tuple[torch.Tensor, ...],
-        slot: int,
-    ) -> None:
-        """Copy one slot's stacked weights into `weights`' layout, in C++: one call per
-        layer instead of a strided torch copy per slice and chunk (those were most of a
-        cold adapter load). See `NativeLayerWeights.native_layout` for what it needs."""
-        slices = len(lora_a)
-        a = (ctypes.c_void_p * slices)(*(_slot_pointer(t, slot) for t in lora_a))
-        b = (ctypes.c_void_p * slices)(*(_slot_pointer(t, slot) for t in lora_b))
-        widths = (ctypes.c_int64 * slices)(*(t.shape[2] for t in lora_b))
-        status = self._layout_slot(
-            weights.at.element_size(),
-            int(weights.paired),
-            lora_a[0].shape[-1],
-            weights.rank,
-            weights.srp,
-            weights.chunk,
-            slices,
-            a,
-            b,
-            widths,
-            _slot_pointer(weights.at, slot),
-            _slot_pointer(weights.bt, slot),
-        )
-        if status != 0:
-            raise RuntimeError("lpx_layout_slot: unsupported element size")
-
     def layout_slots(self, jobs: ctypes.Array, slot: int) -> None:
-        """Copy `slot` of every job's stacked weights into its layer's layout, in one call
-        (`NativeLayerWeights.layout_job` prepares a job)."""
+        """Copy `slot` of every job's stacked weights into its layer's layout, in one C++
+        call instead of a strided torch copy per slice and chunk (those were most of a
+        cold adapter load); `NativeLayerWeights.layout_job` prepares a job."""
         if self._layout_slots(len(jobs), ctypes.addressof(jobs), slot) != 0:
             raise RuntimeError("lpx_layout_slots: unsupported element size or slice count")
-
-
-def _slot_pointer(t: torch.Tensor, slot: int) -> int:
-    return t.data_ptr() + slot * t.stride(0) * t.element_size()
 
 
 def _compiler() -> str | None:
@@ -403,9 +365,11 @@ class NativeLayerWeights:
         slots: list[int],
     ) -> None:
         """Copy the stacked weights of `slots` into the layout, in place."""
-        if self.native_layout(lora_a, lora_b):
+        job = self.layout_job(lora_a, lora_b)
+        if job is not None:
+            jobs = (LayoutJob * 1)(job)
             for slot in slots:
-                kernel.layout_slot(self, lora_a, lora_b, slot)
+                kernel.layout_slots(jobs, slot)
         elif len(slots) == self.at.shape[0]:
             self.lay_out_torch(lora_a, lora_b, slice(None))
         else:
@@ -525,7 +489,7 @@ class LayerCall:
             and y.size(1) == self.width
             and x.stride(1) == 1
             and y.stride(1) == 1
-            and [t._version for t in self.tensors] == self.versions
+            and self.unwritten()
         )
 
     def unwritten(self) -> bool:

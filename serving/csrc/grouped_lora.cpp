@@ -7,7 +7,7 @@
 // weight is read once per group of rows, intermediate results stay in registers or
 // a small float buffer, and no zero padding is multiplied.
 //
-// Layouts (written per slot by lpx_layout_slot(s) when vLLM writes that slot, then reused):
+// Layouts (written per slot by lpx_layout_slots when vLLM writes that slot, then reused):
 //   at    (slots, in_dim, srp)  every slice's A^T side by side along the rank,
 //                               zero-padded to srp (multiple of 16)
 //   chunks: output column ranges of at most 2 vectors, never crossing a slice:
@@ -362,22 +362,10 @@ int lpx_bf16_pairs() { return 1; }
 int lpx_bf16_pairs() { return 0; }
 #endif
 
-// elem_bytes: 4 (float32) or 2 (bfloat16); returns 0, or -1 for another size.
-int lpx_layout_slot(int elem_bytes, int paired, int64_t in_dim, int64_t rank, int64_t srp,
-                    int64_t chunk, int64_t n_slices, const void* const* a, const void* const* b,
-                    const int64_t* widths, void* at, void* bt) {
-  if (elem_bytes == 4)
-    layout_slot<uint32_t>(paired, in_dim, rank, srp, chunk, n_slices, a, b, widths, at, bt);
-  else if (elem_bytes == 2)
-    layout_slot<uint16_t>(paired, in_dim, rank, srp, chunk, n_slices, a, b, widths, at, bt);
-  else
-    return -1;
-  return 0;
-}
-
-// Lays out `slot` of every job's layer (one call per adapter load, where vLLM writes the
-// slot, instead of one Python call per layer on the next forward). Returns 0, or -1 when
-// a job has an unsupported element size or too many slices (those layers are skipped).
+// Lays out `slot` of every job's layer: one call per adapter load, where vLLM writes the
+// slot (and one per layer and slot for a layer laid out later). elem_bytes 4 (float32) or
+// 2 (bfloat16). Returns 0, or -1 when a job has another element size or too many slices
+// (those layers are skipped).
 int lpx_layout_slots(int64_t n_jobs, const LayoutJob* jobs, int64_t slot) {
   int failed = 0;
   #pragma omp parallel for schedule(dynamic) reduction(max : failed)

@@ -392,10 +392,18 @@ def test_a_failed_layout_at_the_write_leaves_the_load_to_the_forward(monkeypatch
     _step(fused, layers, [0, 1, 2, 4, 5, 6], gen)
     calls = dict(fused._calls)
 
-    def refuse(jobs, slot):
-        raise RuntimeError("lpx_layout_slots: unsupported element size or slice count")
+    kernel = fused._kernel
+    assert kernel is not None
+    lay_out, refused = kernel.layout_slots, []
 
-    monkeypatch.setattr(fused._kernel, "layout_slots", refuse)
+    def refuse_once(jobs, slot):  # the call at the write; the forward's calls go through
+        if not refused:
+            refused.append(slot)
+            raise RuntimeError("lpx_layout_slots: unsupported element size or slice count")
+        lay_out(jobs, slot)
+
+    monkeypatch.setattr(kernel, "layout_slots", refuse_once)
     assert manager.activate_adapter(9) and manager.lora_index_to_id[3] == 9
+    assert refused == [3]
     _step(fused, layers, [3, 5, 5, 3, -1, 0], gen)
     assert all(calls[key] is not call for key, call in fused._calls.items())  # all rebuilt
