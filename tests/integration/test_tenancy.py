@@ -246,6 +246,7 @@ def test_concurrency_quota(router: TenantRouter) -> None:
         headers = {"Authorization": f"Bearer {limited}"}
         streaming = threading.Event()
         leave = threading.Event()
+        seen: list[bytes] = []  # what the stream sent, for the failure message
 
         def hold_a_stream() -> None:
             with (
@@ -257,7 +258,8 @@ def test_concurrency_quota(router: TenantRouter) -> None:
                 assert stream.status_code == 200
                 streaming.set()
                 # Reads on (so the stream runs) until the test is done with it, then closes.
-                for _ in stream.iter_bytes():
+                for chunk in stream.iter_bytes():
+                    seen.append(chunk)
                     if leave.is_set():
                         return
 
@@ -266,9 +268,18 @@ def test_concurrency_quota(router: TenantRouter) -> None:
         try:
             assert streaming.wait(120), "the stream never started"
             # The stream holds the tenant's one slot: a second request is refused at once.
+            asked = time.monotonic()
             refused = router.post(limited, BASE_NAME)
-            assert holder.is_alive(), "the 1,500-token stream ended before the second request"
-            assert _error(refused) == (429, "rate_limit_error", "rate_limit_exceeded")
+            took_s = time.monotonic() - asked
+            answered = f"{refused.status_code} {refused.text[:300]} after {took_s:.2f} s"
+            ended = b"".join(seen)[-600:].decode(errors="replace")
+            assert holder.is_alive(), (
+                f"the 1,500-token stream ended before the second request was answered "
+                f"({answered}); the stream's end: {ended!r}; router log: "
+                f"{router.log_path.read_text()[-3000:]}"
+            )
+            assert _error(refused) == (429, "rate_limit_error", "rate_limit_exceeded"), answered
+            assert took_s < 10, answered
             assert "Concurrency" in refused.json()["error"]["message"]
             assert int(refused.headers["retry-after"]) >= 1
             assert router.post(router.key("acme"), BASE_NAME).status_code == 200
