@@ -17,12 +17,6 @@ from loraplex.database import dispose_shared_engines
 from tests.postgres_server import Databases, PostgresServer, PostgresUnavailable
 
 
-def pytest_configure(config: pytest.Config) -> None:
-    config.addinivalue_line(
-        "markers", "postgres: runs on a throwaway PostgreSQL server (`make services`)"
-    )
-
-
 @pytest.fixture(scope="session")
 def postgres_server() -> Iterator[PostgresServer | PostgresUnavailable]:
     """The session's PostgreSQL server, or why there is none (each test then fails)."""
