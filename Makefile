@@ -36,7 +36,7 @@ unit: setup
 lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	@scripts/check-imports.sh
+	$(BIN)/lint-imports --no-cache
 
 # The CPU image loraplex:cpu with podman or docker, whichever runs here; prints build time
 # and size (docs/deploy.md). Where no registry can be reached its base comes from Debian's
