@@ -4,11 +4,12 @@ and keys made with the `loraplex` CLI, and a real Prometheus server scraping it.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import select
 import shutil
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -25,6 +26,7 @@ pytestmark = pytest.mark.integration
 ADMIN_KEY = "lpx_admin-key-for-the-tenancy-tests-0123456789"
 QUESTION = [{"role": "user", "content": "Name a colour."}]
 # Adapters as tenants own them: copies of the session's demo adapters.
+HOLD_A_STREAM = Path(__file__).with_name("hold_a_stream.py")
 ADAPTERS = {"acme/alpha": "demo/alpha", "globex/beta": "demo/beta", "public/shared": "demo/alpha"}
 
 
@@ -232,60 +234,35 @@ def test_per_adapter_quota_leaves_other_models_alone(router: TenantRouter) -> No
         router.cli("quotas", "delete", "--tenant", "limited", "--adapter", "public/shared")
 
 
-def test_concurrency_quota(router: TenantRouter) -> None:
+def test_concurrency_quota(router: TenantRouter, tmp_path: Path) -> None:
     limited = router.new_key("limited-conc", "limited")
     router.cli("quotas", "set", "--tenant", "limited", "--max-concurrent", "1")
     try:
-        payload = {
-            "model": BASE_NAME,
-            "messages": QUESTION,
-            "max_tokens": 1500,
-            "stream": True,
-            "ignore_eos": True,
-        }
-        headers = {"Authorization": f"Bearer {limited}"}
-        streaming = threading.Event()
-        leave = threading.Event()
-        seen: list[bytes] = []  # what the stream sent, for the failure message
-
-        def hold_a_stream() -> None:
-            with (
-                httpx.Client(timeout=120) as client,
-                client.stream(
-                    "POST", f"{router.url}/v1/chat/completions", json=payload, headers=headers
-                ) as stream,
-            ):
-                assert stream.status_code == 200
-                streaming.set()
-                # Reads on (so the stream runs) until the test is done with it, then closes.
-                for chunk in stream.iter_bytes():
-                    seen.append(chunk)
-                    if leave.is_set():
-                        return
-
-        holder = threading.Thread(target=hold_a_stream, daemon=True)
-        holder.start()
+        stream_file = tmp_path / "stream.txt"
+        holder = subprocess.Popen(
+            [sys.executable, str(HOLD_A_STREAM), router.url, limited, BASE_NAME, str(stream_file)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         try:
-            assert streaming.wait(120), "the stream never started"
+            status = _first_line(holder, timeout_s=120)
+            assert status == "200", f"the stream got {status!r} ({_stuck_report(router, holder)})"
             # The stream holds the tenant's one slot: a second request is refused at once.
-            asked = time.monotonic()
-            refused = router.post(limited, BASE_NAME)
-            took_s = time.monotonic() - asked
-            answered = f"{refused.status_code} {refused.text[:300]} after {took_s:.2f} s"
-            ended = b"".join(seen)[-600:].decode(errors="replace")
-            assert holder.is_alive(), (
-                f"the 1,500-token stream ended before the second request was answered "
-                f"({answered}); the stream's end: {ended!r}; router log: "
-                f"{router.log_path.read_text()[-3000:]}"
-            )
-            assert _error(refused) == (429, "rate_limit_error", "rate_limit_exceeded"), answered
-            assert took_s < 10, answered
+            refused, took = _traced_post(router, limited, BASE_NAME, timeout_s=30)
+            if holder.poll() is not None or refused is None or took.seconds >= 10:
+                raise AssertionError(
+                    f"the refusal did not come at once while the stream ran: {took}; "
+                    f"answer: {'none' if refused is None else refused.text[:300]}; "
+                    f"{_stuck_report(router, holder, stream_file)}"
+                )
+            assert _error(refused) == (429, "rate_limit_error", "rate_limit_exceeded"), refused.text
             assert "Concurrency" in refused.json()["error"]["message"]
             assert int(refused.headers["retry-after"]) >= 1
             assert router.post(router.key("acme"), BASE_NAME).status_code == 200
         finally:
-            leave.set()
-            holder.join(60)
+            holder.kill()  # the client goes away: its connection closes
+            holder.communicate(timeout=60)
         # The slot is released when the stream ends (here: the client closed it).
         deadline = time.monotonic() + 10
         while (response := router.post(limited, BASE_NAME)).status_code == 429:
@@ -294,6 +271,79 @@ def test_concurrency_quota(router: TenantRouter) -> None:
         assert response.status_code == 200
     finally:
         router.cli("quotas", "delete", "--tenant", "limited")
+
+
+@dataclass
+class _Took:
+    seconds: float
+    events: list[tuple[float, str]]
+
+    def __str__(self) -> str:
+        steps = ", ".join(f"{name} at {at:.3f} s" for at, name in self.events)
+        return f"{self.seconds:.2f} s ({steps})"
+
+
+def _traced_post(
+    router: TenantRouter, key: str, model: str, timeout_s: float
+) -> tuple[httpx.Response | None, _Took]:
+    """`router.post` that also says when each step of the exchange happened (connect,
+    request sent, answer's head): None for the answer when it timed out."""
+    took = _Took(0.0, [])
+    started = time.monotonic()
+
+    def trace(name: str, _info: dict) -> None:
+        took.events.append((time.monotonic() - started, name))
+
+    payload = {"model": model, "messages": QUESTION, "max_tokens": 1}
+    headers = {"Authorization": f"Bearer {key}"}
+    response: httpx.Response | None = None
+    with (
+        httpx.Client(timeout=timeout_s, trust_env=False) as client,
+        contextlib.suppress(httpx.TimeoutException),
+    ):
+        response = client.post(
+            f"{router.url}/v1/chat/completions",
+            json=payload,
+            headers=headers,
+            extensions={"trace": trace},
+        )
+    took.seconds = time.monotonic() - started
+    return response, took
+
+
+def _first_line(process: subprocess.Popen, timeout_s: float) -> str:
+    ready, _, _ = select.select([process.stdout], [], [], timeout_s)
+    assert ready, f"no answer within {timeout_s} s"
+    return process.stdout.readline().strip()  # type: ignore[union-attr]
+
+
+def _stuck_report(
+    router: TenantRouter, holder: subprocess.Popen, stream_file: Path | None = None
+) -> str:
+    """What a stuck exchange leaves to see: the stream's state, the router's sockets and
+    threads (where `ss` and py-spy are installed), and its log."""
+    port = router.url.rsplit(":", 1)[1]
+    tools = {
+        "sockets": ["ss", "-tnpi", f"( sport = :{port} or dport = :{port} )"],
+        "router threads": [
+            str(Path(sys.executable).with_name("py-spy")),
+            "dump",
+            "--pid",
+            str(router.process.pid),
+        ],
+    }
+    seen = []
+    for what, command in tools.items():
+        if shutil.which(command[0]):
+            ran = subprocess.run(command, capture_output=True, text=True, timeout=60, check=False)
+            seen.append(f"{what}:\n{ran.stdout}{ran.stderr}")
+    received = stream_file.read_bytes() if stream_file and stream_file.exists() else b""
+    state = "running" if holder.poll() is None else f"exited {holder.returncode}"
+    return (
+        f"stream holder {state}, {len(received)} bytes received, ending "
+        f"{received[-300:].decode(errors='replace')!r}; " + "\n".join(seen) + "\nrouter log:\n"
+        f"{router.log_path.read_text()[-3000:]}"
+    )
 
 
 def test_tokens_per_minute_quota(router: TenantRouter) -> None:
