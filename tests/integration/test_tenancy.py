@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-import select
+import selectors
 import shutil
 import subprocess
 import sys
@@ -312,8 +312,10 @@ def _traced_post(
 
 
 def _first_line(process: subprocess.Popen, timeout_s: float) -> str:
-    ready, _, _ = select.select([process.stdout], [], [], timeout_s)
-    assert ready, f"no answer within {timeout_s} s"
+    # A selector rather than select.select: a long session may hold fds past 1024.
+    with selectors.DefaultSelector() as selector:
+        selector.register(process.stdout, selectors.EVENT_READ)  # type: ignore[arg-type]
+        assert selector.select(timeout_s), f"no answer within {timeout_s} s"
     return process.stdout.readline().strip()  # type: ignore[union-attr]
 
 
