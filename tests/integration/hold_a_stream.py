@@ -1,6 +1,6 @@
 """Run in a child process: hold one long chat stream open through a router.
 
-Usage: python hold_a_stream.py URL KEY MODEL OUT_FILE
+Usage: python hold_a_stream.py URL KEY BODY_JSON OUT_FILE   (BODY_JSON: a streamed chat request)
 Prints the answer's status on stdout once its head arrived, then writes every byte of
 the stream to OUT_FILE until the stream ends or the process is killed (killing it closes
 the connection, as a client that goes away would).
@@ -11,20 +11,15 @@ with the stream but the router.
 
 from __future__ import annotations
 
+import json
 import sys
 
 import httpx
 
 
 def main() -> None:
-    url, key, model, out_file = sys.argv[1:5]
-    payload = {
-        "model": model,
-        "messages": [{"role": "user", "content": "Name a colour."}],
-        "max_tokens": 1500,
-        "stream": True,
-        "ignore_eos": True,
-    }
+    url, key, body, out_file = sys.argv[1:5]
+    payload = json.loads(body)
     headers = {"Authorization": f"Bearer {key}"}
     with (
         open(out_file, "wb", buffering=0) as out,

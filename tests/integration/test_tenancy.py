@@ -25,8 +25,8 @@ pytestmark = pytest.mark.integration
 
 ADMIN_KEY = "lpx_admin-key-for-the-tenancy-tests-0123456789"
 QUESTION = [{"role": "user", "content": "Name a colour."}]
-# Adapters as tenants own them: copies of the session's demo adapters.
 HOLD_A_STREAM = Path(__file__).with_name("hold_a_stream.py")
+# Adapters as tenants own them: copies of the session's demo adapters.
 ADAPTERS = {"acme/alpha": "demo/alpha", "globex/beta": "demo/beta", "public/shared": "demo/alpha"}
 
 
@@ -59,12 +59,26 @@ class TenantRouter:
         """A (cached) key of `tenant`."""
         return self.keys.get(tenant) or self.new_key(tenant, tenant)
 
-    def post(self, key: str | None, model: str, **body: object) -> httpx.Response:
+    def post(
+        self,
+        key: str | None,
+        model: str,
+        *,
+        timeout: float = 120,
+        extensions: dict | None = None,
+        **body: object,
+    ) -> httpx.Response:
+        """A chat completion (one token unless `body` says otherwise); `extensions` are
+        httpx's (a `trace` hook, for one)."""
         headers = {"Authorization": f"Bearer {key}"} if key else {}
         payload = {"model": model, "messages": QUESTION, "max_tokens": 1, **body}
-        return httpx.post(
-            f"{self.url}/v1/chat/completions", json=payload, headers=headers, timeout=120
-        )
+        with httpx.Client(timeout=timeout) as client:
+            return client.post(
+                f"{self.url}/v1/chat/completions",
+                json=payload,
+                headers=headers,
+                extensions=extensions,
+            )
 
     def client(self, key: str) -> openai.OpenAI:
         return openai.OpenAI(base_url=f"{self.url}/v1", api_key=key, max_retries=0)
@@ -238,9 +252,23 @@ def test_concurrency_quota(router: TenantRouter, tmp_path: Path) -> None:
     limited = router.new_key("limited-conc", "limited")
     router.cli("quotas", "set", "--tenant", "limited", "--max-concurrent", "1")
     try:
+        long_stream = {
+            "model": BASE_NAME,
+            "messages": QUESTION,
+            "max_tokens": 1500,
+            "stream": True,
+            "ignore_eos": True,
+        }
         stream_file = tmp_path / "stream.txt"
         holder = subprocess.Popen(
-            [sys.executable, str(HOLD_A_STREAM), router.url, limited, BASE_NAME, str(stream_file)],
+            [
+                sys.executable,
+                str(HOLD_A_STREAM),
+                router.url,
+                limited,
+                json.dumps(long_stream),
+                str(stream_file),
+            ],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
@@ -294,19 +322,9 @@ def _traced_post(
     def trace(name: str, _info: dict) -> None:
         took.events.append((time.monotonic() - started, name))
 
-    payload = {"model": model, "messages": QUESTION, "max_tokens": 1}
-    headers = {"Authorization": f"Bearer {key}"}
     response: httpx.Response | None = None
-    with (
-        httpx.Client(timeout=timeout_s, trust_env=False) as client,
-        contextlib.suppress(httpx.TimeoutException),
-    ):
-        response = client.post(
-            f"{router.url}/v1/chat/completions",
-            json=payload,
-            headers=headers,
-            extensions={"trace": trace},
-        )
+    with contextlib.suppress(httpx.TimeoutException):
+        response = router.post(key, model, timeout=timeout_s, extensions={"trace": trace})
     took.seconds = time.monotonic() - started
     return response, took
 
